@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass(slots=True)
@@ -45,42 +46,50 @@ def build_attention_metadata(
     block_size: int,
     device: torch.device | str = "cpu",
 ) -> AttentionMetadata:
-    """Build the step's metadata; sequences must come decodes (query_len == 1) first.
+    """Build the step's metadata; decodes (query_len == 1) should come first.
 
     context_lens[i] counts the sequence's tokens after this step (already cached + new), so the
-    new tokens sit at positions [context_len - query_len, context_len).
+    new tokens sit at positions [context_len - query_len, context_len). Ordering decodes first is
+    for speed only: a single-token sequence after a prefill is handled as a one-row prefill.
     """
     num_decodes = 0
     while num_decodes < len(query_lens) and query_lens[num_decodes] == 1:
         num_decodes += 1
     slot_mapping: list[int] = []
     for q, ctx, table in zip(query_lens, context_lens, block_tables, strict=True):
-        for pos in range(ctx - q, ctx):
-            slot_mapping.append(table[pos // block_size] * block_size + pos % block_size)
+        if q > ctx:
+            raise ValueError(f"query_len {q} exceeds context_len {ctx}")
+        slot_mapping.extend(_slots(table, ctx - q, ctx, block_size))
     decode_slots = decode_mask = None
     if num_decodes:
         max_len = max(context_lens[:num_decodes])
         rows = []
         for ctx, table in zip(context_lens[:num_decodes], block_tables[:num_decodes], strict=True):
-            row = _context_slots(table, ctx, block_size)
-            rows.append(row + [0] * (max_len - ctx))
+            rows.append(_slots(table, 0, ctx, block_size) + [0] * (max_len - ctx))
         decode_slots = torch.tensor(rows, dtype=torch.int64, device=device)
-        lens = torch.tensor(context_lens[:num_decodes], device=device)
-        decode_mask = (torch.arange(max_len, device=device)[None, :] < lens[:, None])[:, None, None, :]
+        lens = torch.tensor(context_lens[:num_decodes], dtype=torch.int64, device=device)
+        decode_mask = (torch.arange(max_len, device=device)[None, :] < lens[:, None])[
+            :, None, None, :
+        ]
     starts, p_q, p_ctx, p_slots, p_masks = [], [], [], [], []
     offset = num_decodes
     for q, ctx, table in zip(
-        query_lens[num_decodes:], context_lens[num_decodes:], block_tables[num_decodes:], strict=True
+        query_lens[num_decodes:],
+        context_lens[num_decodes:],
+        block_tables[num_decodes:],
+        strict=True,
     ):
         starts.append(offset)
         offset += q
         p_q.append(q)
         p_ctx.append(ctx)
-        p_slots.append(torch.tensor(_context_slots(table, ctx, block_size), dtype=torch.int64, device=device))
-        if q == ctx:
-            p_masks.append(None)
-        else:
-            p_masks.append(torch.ones(q, ctx, dtype=torch.bool, device=device).tril(diagonal=ctx - q))
+        slots = _slots(table, 0, ctx, block_size)
+        p_slots.append(torch.tensor(slots, dtype=torch.int64, device=device))
+        # query row i sits at position ctx - q + i and sees every position up to it
+        mask = (
+            None if q == ctx else torch.ones(q, ctx, dtype=torch.bool, device=device).tril(ctx - q)
+        )
+        p_masks.append(mask)
     return AttentionMetadata(
         slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=device),
         num_decodes=num_decodes,
@@ -94,16 +103,39 @@ def build_attention_metadata(
     )
 
 
-def _context_slots(block_table: list[int], context_len: int, block_size: int) -> list[int]:
-    """Slots of positions [0, context_len) of one sequence."""
+def _slots(block_table: list[int], start: int, end: int, block_size: int) -> list[int]:
+    """Slots of positions [start, end) of one sequence; one range per block, not per token."""
+    if end > len(block_table) * block_size:
+        raise ValueError(f"block table of {len(block_table)} blocks cannot hold {end} tokens")
     slots: list[int] = []
-    for i, block in enumerate(block_table):
-        base = block * block_size
-        take = min(block_size, context_len - i * block_size)
-        if take <= 0:
-            break
+    pos = start
+    while pos < end:
+        block, offset = divmod(pos, block_size)
+        take = min(block_size - offset, end - pos)
+        base = block_table[block] * block_size + offset
         slots.extend(range(base, base + take))
+        pos += take
     return slots
+
+
+def allocate_kv_caches(
+    model: torch.nn.Module,
+    num_blocks: int,
+    block_size: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One (k_cache, v_cache) pair per layer, each [num_blocks * block_size, num_kv_heads, head_dim]."""
+    shape = (num_blocks * block_size, model.num_kv_heads, model.head_dim)
+    # zeros, not empty: padded decode rows gather slot 0, and NaN garbage there would leak
+    # through the masked softmax (NaN * 0 = NaN)
+    return [
+        (
+            torch.zeros(shape, dtype=dtype, device=device),
+            torch.zeros(shape, dtype=dtype, device=device),
+        )
+        for _ in range(model.num_layers)
+    ]
 
 
 def paged_attention(
@@ -116,4 +148,45 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """Reference ("torch") backend: q [T, H, D], k/v [T, Hkv, D] -> out [T, H, D]."""
-    raise NotImplementedError  # written by the models work; see the module docstring
+    # all writes before all reads: a sequence may read blocks another one fills this step
+    k_cache.index_copy_(0, meta.slot_mapping, k)
+    v_cache.index_copy_(0, meta.slot_mapping, v)
+    out = torch.empty_like(q)
+    nd = meta.num_decodes
+    if nd:
+        # [B, L, Hkv, D] -> [B, Hkv, L, D]; queries [B, H, 1, D]
+        keys = k_cache[meta.decode_slots].transpose(1, 2)
+        values = v_cache[meta.decode_slots].transpose(1, 2)
+        o = F.scaled_dot_product_attention(
+            q[:nd].unsqueeze(2),
+            keys,
+            values,
+            attn_mask=meta.decode_mask,
+            scale=scale,
+            enable_gqa=True,
+        )
+        out[:nd] = o.squeeze(2)
+    # the only loop per layer: one SDPA per prefilling sequence
+    for start, qlen, slots, mask in zip(
+        meta.prefill_query_starts,
+        meta.prefill_query_lens,
+        meta.prefill_slots,
+        meta.prefill_masks,
+        strict=True,
+    ):
+        end = start + qlen
+        if mask is None:  # whole context is new: attend to the fresh k/v, skip the gather
+            keys, values = k[start:end], v[start:end]
+        else:
+            keys, values = k_cache[slots], v_cache[slots]
+        o = F.scaled_dot_product_attention(
+            q[start:end].transpose(0, 1),
+            keys.transpose(0, 1),
+            values.transpose(0, 1),
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=scale,
+            enable_gqa=True,
+        )
+        out[start:end] = o.transpose(0, 1)
+    return out

@@ -1,0 +1,158 @@
+"""`surge pull | chat | generate | bench offline`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from surge.config import EngineConfig
+
+logger = logging.getLogger("surge")
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """The engine's knobs as flags (names as vLLM's)."""
+    d = EngineConfig()
+    parser.add_argument("model", nargs="?", default=None, help="HF directory or .gguf file (default: bundled SmolLM2-135M-Instruct)")
+    parser.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default=d.device)
+    parser.add_argument("--block-size", type=int, default=d.block_size)
+    parser.add_argument("--kv-cache-memory", type=parse_size, default=d.kv_cache_memory, help="bytes of KV cache, e.g. 2GiB")
+    parser.add_argument("--num-kv-blocks", type=int, default=None)
+    parser.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument("--no-chunked-prefill", action="store_true")
+    parser.add_argument("--threads", type=int, default=None)
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    """Build the frozen EngineConfig from parsed flags."""
+    return EngineConfig(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        block_size=args.block_size,
+        kv_cache_memory=args.kv_cache_memory,
+        num_kv_blocks=args.num_kv_blocks,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        enable_prefix_caching=not args.no_prefix_caching,
+        enable_chunked_prefill=not args.no_chunked_prefill,
+        num_threads=args.threads,
+    )
+
+
+def parse_size(text: str) -> int:
+    """'2GiB', '512MiB', '1e9' or a plain byte count -> bytes."""
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
+    t = text.strip().lower()
+    for suffix, mult in units.items():
+        if t.endswith(suffix):
+            return int(float(t[: -len(suffix)]) * mult)
+    return int(float(t))
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from surge.models.default_model import pull_default_model
+
+    print(pull_default_model())
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """One-shot (`-m TEXT`) or interactive chat with the model."""
+    from surge import LLM, SamplingParams
+
+    llm = LLM(**vars(engine_config_from_args(args)))
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
+    history: list[dict[str, str]] = []
+    if args.system:
+        history.append({"role": "system", "content": args.system})
+    questions = [args.message] if args.message else None
+    while True:
+        if questions is not None:
+            if not questions:
+                return 0
+            question = questions.pop()
+        else:
+            try:
+                question = input("you> ")
+            except EOFError:
+                return 0
+            if question.strip() in {"", "/exit", "/quit"}:
+                return 0
+        history.append({"role": "user", "content": question})
+        answer = llm.chat(history, params)[0].outputs[0].text
+        history.append({"role": "assistant", "content": answer})
+        print(answer if questions is not None else f"surge> {answer}", flush=True)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from surge import LLM, SamplingParams
+
+    llm = LLM(**vars(engine_config_from_args(args)))
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
+    for out in llm.generate(args.prompt, params):
+        print(out.outputs[0].text)
+    return 0
+
+
+def cmd_bench_offline(args: argparse.Namespace) -> int:
+    from surge.bench.offline import run_offline_bench
+
+    run_offline_bench(args)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line."""
+    parser = argparse.ArgumentParser(prog="surge", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("pull", help="fetch the bundled default model into the cache").set_defaults(func=cmd_pull)
+    for name, func, help_text in [
+        ("chat", cmd_chat, "chat with a model (interactive, or one message with -m)"),
+        ("generate", cmd_generate, "complete prompts"),
+    ]:
+        p = sub.add_parser(name, help=help_text)
+        add_engine_args(p)
+        p.add_argument("--temperature", type=float, default=0.0)
+        p.add_argument("--max-tokens", type=int, default=256)
+        p.add_argument("--seed", type=int, default=None)
+        if name == "chat":
+            p.add_argument("-m", "--message", default=None)
+            p.add_argument("--system", default=None)
+        else:
+            p.add_argument("--prompt", action="append", required=True)
+        p.set_defaults(func=func)
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
+    off = bench.add_parser("offline", help="output tok/s of surge vs HF generate, same weights")
+    add_engine_args(off)
+    off.add_argument("--batch-sizes", default="1,8,32,64")
+    off.add_argument("--num-requests", type=int, default=0, help="requests per point (default: max(batch, 16))")
+    off.add_argument("--input-len", type=int, default=64)
+    off.add_argument("--output-len", type=int, default=64)
+    off.add_argument("--baseline", choices=["hf", "none"], default="hf")
+    off.add_argument("--output", default=None, help="write JSON results here")
+    off.set_defaults(func=cmd_bench_offline)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `surge` command."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

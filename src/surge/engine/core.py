@@ -1,0 +1,131 @@
+"""EngineCore: the step loop over scheduler and model runner; survives bad requests and failed steps."""
+
+from __future__ import annotations
+
+import logging
+
+from surge.config import EngineConfig, EngineLimits
+from surge.engine.messages import (
+    EngineCoreFinish,
+    EngineCoreOutput,
+    EngineCoreOutputs,
+    EngineCoreRequest,
+)
+from surge.engine.model_runner import ModelRunner, StepResult
+from surge.engine.request import InvalidRequestError, Request, RequestStatus
+from surge.engine.scheduler import Scheduler, SchedulerOutput
+from surge.models.loader import ModelFiles
+
+logger = logging.getLogger(__name__)
+
+_FINISH_STATUS = {"abort": RequestStatus.FINISHED_ABORTED, "stop": RequestStatus.FINISHED_STOPPED}
+
+
+def check_request_fits(num_prompt_tokens: int, max_tokens: int | None, limits: EngineLimits) -> None:
+    """Reject what the engine could never finish: raise InvalidRequestError stating the limits."""
+    if num_prompt_tokens == 0:
+        raise InvalidRequestError("the prompt is empty", param="prompt")
+    if num_prompt_tokens >= limits.max_model_len:
+        raise InvalidRequestError(
+            f"the prompt has {num_prompt_tokens} tokens; this model's maximum context length is "
+            f"{limits.max_model_len} tokens (prompt + at least one generated token)",
+            param="messages",
+        )
+    total = num_prompt_tokens + (max_tokens or 1)
+    if max_tokens is not None and total > limits.max_model_len:
+        raise InvalidRequestError(
+            f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total} exceeds "
+            f"this model's maximum context length of {limits.max_model_len} tokens",
+            param="max_tokens",
+        )
+    if total > limits.kv_capacity_tokens:
+        raise InvalidRequestError(
+            f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens or 1}) = {total} can never "
+            f"fit the KV cache of {limits.kv_capacity_tokens} tokens",
+            param="max_tokens",
+        )
+
+
+class EngineCore:
+    """Schedules, executes and updates; one bad request or failed step never stops it."""
+
+    def __init__(self, config: EngineConfig, files: ModelFiles, eos_token_ids: tuple[int, ...]) -> None:
+        self.runner = ModelRunner(config, files, eos_token_ids)
+        self.limits = self.runner.limits
+        self.scheduler = Scheduler(config, self.limits)
+        self._errors: list[EngineCoreOutput] = []
+
+    def add_request(self, msg: EngineCoreRequest) -> None:
+        """Queue a request; one that can't be served ends at once with an error output."""
+        try:
+            check_request_fits(len(msg.prompt_token_ids), msg.sampling_params.max_tokens, self.limits)
+            vocab = self.runner.vocab_size
+            if any(not 0 <= t < vocab for t in msg.prompt_token_ids):
+                raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        except InvalidRequestError as e:
+            self._errors.append(EngineCoreOutput(msg.req_id, [], finish_reason="error", error=str(e)))
+            return
+        self.scheduler.add_request(
+            Request(
+                req_id=msg.req_id,
+                prompt_token_ids=list(msg.prompt_token_ids),
+                sampling_params=msg.sampling_params,
+                arrival_time=msg.arrival_time,
+                priority=msg.priority,
+            )
+        )
+
+    def finish_requests(self, msg: EngineCoreFinish) -> None:
+        """Abort (client gone) or stop (stop string) sequences; their blocks are freed now."""
+        self.scheduler.finish_requests(msg.req_ids, _FINISH_STATUS[msg.reason])
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._errors) or self.scheduler.has_unfinished_requests()
+
+    def step(self) -> EngineCoreOutputs:
+        """Schedule -> execute -> update; return what changed."""
+        sched = self.scheduler.schedule()
+        result = self._execute(sched)
+        updated = self.scheduler.update_from_output(sched, result.sampled_token_ids)
+        return self._make_outputs(updated, result)
+
+    def _execute(self, sched: SchedulerOutput) -> StepResult:
+        try:
+            return self.runner.execute(sched)
+        except Exception as e:  # noqa: BLE001 - a failed step fails its requests, never the core
+            logger.exception("step failed; finishing its %d requests with an error", len(sched.seqs))
+            req_ids = [s.request.req_id for s in sched.seqs]
+            for req in self.scheduler.finish_requests(req_ids, RequestStatus.FINISHED_ERROR, error=str(e)):
+                self._errors.append(
+                    EngineCoreOutput(req.req_id, [], finish_reason="error", error=f"internal error: {e}")
+                )
+            return StepResult({}, {})
+
+    def _make_outputs(self, updated: list[Request], result: StepResult) -> EngineCoreOutputs:
+        outputs, self._errors = self._errors, []
+        for req in updated:
+            new_ids = [req.output_token_ids[-1]] if req.req_id in result.sampled_token_ids else []
+            logprob = result.logprobs.get(req.req_id)
+            stop_reason = None
+            if req.status == RequestStatus.FINISHED_STOPPED and new_ids:
+                if new_ids[0] in req.sampling_params.stop_token_ids:
+                    stop_reason = new_ids[0]
+            outputs.append(
+                EngineCoreOutput(
+                    req_id=req.req_id,
+                    new_token_ids=new_ids,
+                    new_logprobs=[logprob] if logprob is not None else None,
+                    finish_reason=req.finish_reason,
+                    stop_reason=stop_reason,
+                    error=req.error,
+                    num_cached_tokens=max(req.num_cached_tokens, 0),
+                )
+            )
+        s = self.scheduler
+        return EngineCoreOutputs(
+            outputs=outputs,
+            num_running=s.num_running,
+            num_waiting=s.num_waiting,
+            kv_cache_usage=s.kv_cache_usage,
+            num_preemptions_total=s.num_preemptions_total,
+        )

@@ -1,0 +1,46 @@
+"""The engine core's message types (msgspec structs): add, abort/finish, outputs — nothing else."""
+
+from __future__ import annotations
+
+import msgspec
+
+from surge.engine.request import SamplingParams
+
+
+class EngineCoreRequest(msgspec.Struct, frozen=True, array_like=True):
+    """Add one sequence to the core (n > 1 is fanned out before this)."""
+
+    req_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    arrival_time: float
+    priority: int = 0
+
+
+class EngineCoreFinish(msgspec.Struct, frozen=True, array_like=True):
+    """Finish sequences early: an abort (client gone), or a stop string found by the front end."""
+
+    req_ids: list[str]
+    reason: str = "abort"  # "abort" or "stop"
+
+
+class EngineCoreOutput(msgspec.Struct, frozen=True, array_like=True):
+    """What one step did to one sequence."""
+
+    req_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+    finish_reason: str | None = None  # "stop", "length", "abort", "error"
+    stop_reason: int | None = None  # the stop token id that ended it, if any
+    error: str | None = None
+    num_cached_tokens: int = 0
+
+
+class EngineCoreOutputs(msgspec.Struct, frozen=True, array_like=True):
+    """All of one step's outputs plus the core's load, for metrics and balancing."""
+
+    outputs: list[EngineCoreOutput]
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    num_preemptions_total: int = 0

@@ -1,0 +1,224 @@
+"""Layers shared by every architecture: RMSNorm, rotary embedding, fused linears, gated MLP.
+
+Fused modules own the loaders that split HF checkpoints' separate q/k/v and gate/up tensors into
+their fused weights. Loaders are methods of the module, not attributes set on parameters, so they
+survive `to_empty` (which may replace Parameter objects).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+logger = logging.getLogger(__name__)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32 and cast back, as transformers does."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def rope_parameters(hf_config) -> dict:  # noqa: ANN001 - any HF PretrainedConfig
+    """The config's rope parameters in the transformers 5 shape (`rope_parameters`)."""
+    params = getattr(hf_config, "rope_parameters", None)
+    if params is None:  # transformers 4.x: rope_theta + rope_scaling
+        params = dict(getattr(hf_config, "rope_scaling", None) or {})
+        params.setdefault("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+        if hasattr(hf_config, "partial_rotary_factor"):
+            params.setdefault("partial_rotary_factor", hf_config.partial_rotary_factor)
+    params = dict(params)
+    params["rope_type"] = params.get("rope_type", params.get("type", "default"))
+    return params
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding; cos/sin are computed once per step from the positions.
+
+    Supports HF's rope types through `ROPE_INIT_FUNCTIONS` (linear, llama3, yarn, ...) with
+    frequencies fixed at load time: "dynamic" NTK scaling is not recomputed per length.
+    `interleaved` rotates pairs (x0, x1), (x2, x3), ... (GLM); otherwise halves (Llama).
+    """
+
+    def __init__(self, hf_config, head_dim: int, interleaved: bool = False) -> None:  # noqa: ANN001
+        super().__init__()
+        self.hf_config = hf_config
+        params = rope_parameters(hf_config)
+        self.rope_type = params["rope_type"]
+        self.rotary_dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
+        self.interleaved = interleaved
+        self.attention_scaling = 1.0
+        self.register_buffer("inv_freq", torch.empty(self.rotary_dim // 2), persistent=False)
+        if self.inv_freq.device.type != "meta":
+            self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """Compute inv_freq in float32 on the buffer's device (after materialization or a cast)."""
+        inv_freq, self.attention_scaling = self._inv_freq()
+        self.inv_freq = inv_freq.to(self.inv_freq.device)
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - nn.Module's signature
+        # `.to(bfloat16)` would round the frequencies and `to_empty` leaves garbage: recompute
+        super()._apply(fn, recurse)
+        if self.inv_freq.device.type != "meta":
+            self.reset_buffers()
+        return self
+
+    def _inv_freq(self) -> tuple[torch.Tensor, float]:
+        if self.rope_type == "default":
+            base = rope_parameters(self.hf_config)["rope_theta"]
+            exps = torch.arange(0, self.rotary_dim, 2, dtype=torch.float32) / self.rotary_dim
+            return 1.0 / (base**exps), 1.0
+        if self.rope_type not in ROPE_INIT_FUNCTIONS:
+            raise ValueError(f"unsupported rope_type {self.rope_type!r}")
+        if "dynamic" in self.rope_type or self.rope_type == "longrope":
+            logger.warning("rope_type %r: frequencies fixed at load time", self.rope_type)
+        inv_freq, scaling = ROPE_INIT_FUNCTIONS[self.rope_type](self.hf_config, torch.device("cpu"))
+        return inv_freq.float().cpu(), float(scaling)
+
+    def cos_sin(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, 1, rotary_dim // 2] in dtype, computed in float32 as transformers does."""
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        scale = self.attention_scaling
+        return (freqs.cos() * scale).to(dtype)[:, None], (freqs.sin() * scale).to(dtype)[:, None]
+
+
+def apply_rotary(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool
+) -> torch.Tensor:
+    """Rotate the first rotary_dim features of x [T, H, D]; the rest pass through."""
+    rotary_dim = cos.shape[-1] * 2
+    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    if interleaved:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    else:
+        x1, x2 = rot.chunk(2, dim=-1)
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)
+
+
+class MergedLinear(nn.Linear):
+    """A linear whose output rows are several HF projections stacked; loads each by shard id."""
+
+    def __init__(self, in_features: int, shard_sizes: dict[str, int], bias: bool) -> None:
+        super().__init__(in_features, sum(shard_sizes.values()), bias=bias)
+        self.shard_offsets: dict[str, tuple[int, int]] = {}
+        offset = 0
+        for shard_id, size in shard_sizes.items():
+            self.shard_offsets[shard_id] = (offset, size)
+            offset += size
+
+    def load_hf(self, param_name: str, loaded: torch.Tensor, shard_id: str | None) -> None:
+        """Copy one shard (or, with shard_id None, the already fused tensor) into the weight."""
+        param = getattr(self, param_name)
+        if shard_id is None:
+            copy_checked(param, loaded)
+            return
+        offset, size = self.shard_offsets[shard_id]
+        copy_checked(param.narrow(0, offset, size), loaded)
+
+
+class QKVLinear(MergedLinear):
+    """Fused q/k/v projection: output is [q (H*D) | k (Hkv*D) | v (Hkv*D)]."""
+
+    def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, bias: bool):
+        kv = num_kv_heads * head_dim
+        super().__init__(hidden, {"q": num_heads * head_dim, "k": kv, "v": kv}, bias)
+        self.split_sizes = [num_heads * head_dim, kv, kv]
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)) with gate and up fused into one matmul."""
+
+    def __init__(self, hidden: int, intermediate: int, act: str = "silu", bias: bool = False):
+        super().__init__()
+        self.gate_up_proj = MergedLinear(hidden, {"gate": intermediate, "up": intermediate}, bias)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.act = F.silu if act == "silu" else ACT2FN[act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up)
+
+
+def copy_checked(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Copy src into dst (casting dtype), refusing a shape mismatch."""
+    if dst.shape != src.shape:
+        raise ValueError(f"shape mismatch: expected {tuple(dst.shape)}, got {tuple(src.shape)}")
+    with torch.no_grad():
+        dst.copy_(src)
+
+
+# (our module name, HF module name, shard id): HF checkpoints keep these projections separate
+STACKED_PARAMS = (
+    ("qkv_proj", "q_proj", "q"),
+    ("qkv_proj", "k_proj", "k"),
+    ("qkv_proj", "v_proj", "v"),
+    ("gate_up_proj", "gate_proj", "gate"),
+    ("gate_up_proj", "up_proj", "up"),
+)
+
+
+def load_hf_weights(
+    model: nn.Module,
+    weights: Iterable[tuple[str, torch.Tensor]],
+    skip: Iterable[str] = (),
+) -> None:
+    """Load HF-named tensors into model, routing split projections to fused modules.
+
+    Raises ValueError on an unknown name or a shape mismatch, and when a parameter is never
+    (fully) loaded: uninitialized weights would otherwise give silent garbage.
+    """
+    params = dict(model.named_parameters())
+    modules = dict(model.named_modules())
+    skip = set(skip)
+    loaded: dict[str, set[str | None]] = {}
+    for hf_name, tensor in weights:
+        if hf_name in skip or hf_name.endswith("rotary_emb.inv_freq"):
+            continue
+        name, shard_id = _map_name(hf_name)
+        if name not in params:
+            raise ValueError(f"unknown weight {hf_name!r} for {type(model).__name__}")
+        module_name, _, param_name = name.rpartition(".")
+        module = modules[module_name]
+        if isinstance(module, MergedLinear):
+            module.load_hf(param_name, tensor, shard_id)
+        else:
+            copy_checked(params[name], tensor)
+        loaded.setdefault(name, set()).add(shard_id)
+    missing = []
+    for name in params:
+        module = modules[name.rpartition(".")[0]]
+        shards = loaded.get(name, set())
+        expected = set(module.shard_offsets) if isinstance(module, MergedLinear) else {None}
+        if None not in shards and not expected <= shards:
+            missing.append(name)
+    if missing:
+        raise ValueError(
+            f"weights missing from the checkpoint: {missing[:8]} ({len(missing)} in all)"
+        )
+
+
+def _map_name(hf_name: str) -> tuple[str, str | None]:
+    for ours, theirs, shard_id in STACKED_PARAMS:
+        if f".{theirs}." in hf_name:
+            return hf_name.replace(f".{theirs}.", f".{ours}."), shard_id
+    return hf_name, None

@@ -1,0 +1,235 @@
+"""The Llama-style decoder (Llama 2/3, SmolLM2, Mistral, Qwen2, Qwen3); GLM builds on it too.
+
+Architectures differ only in `DecoderOptions` (biases, q/k norms, rotary style, extra norms), so
+one decoder stack serves them all. Module names match HF's so checkpoints load by name.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from surge.models.attention import AttentionMetadata, paged_attention
+from surge.models.layers import (
+    GatedMLP,
+    QKVLinear,
+    RMSNorm,
+    RotaryEmbedding,
+    apply_rotary,
+    load_hf_weights,
+)
+
+logger = logging.getLogger(__name__)
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DecoderOptions:
+    """What sets one architecture apart from plain Llama."""
+
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before rotary
+    interleaved_rope: bool = False  # GLM: rotate (x0, x1) pairs, not halves
+    sandwich_norm: bool = False  # GLM-4: norms after the attention and MLP outputs too
+
+
+def head_dim_of(hf_config) -> int:  # noqa: ANN001 - any HF PretrainedConfig
+    """Explicit head_dim when the config has one (Qwen3, Mistral), else hidden / heads."""
+    return getattr(hf_config, "head_dim", None) or (
+        hf_config.hidden_size // hf_config.num_attention_heads
+    )
+
+
+class Attention(nn.Module):
+    """Fused-QKV attention over the paged KV cache."""
+
+    def __init__(self, hf_config, opts: DecoderOptions) -> None:  # noqa: ANN001
+        super().__init__()
+        hidden = hf_config.hidden_size
+        self.num_heads = hf_config.num_attention_heads
+        self.num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = head_dim_of(hf_config)
+        self.scale = self.head_dim**-0.5
+        self.interleaved = opts.interleaved_rope
+        self.qkv_proj = QKVLinear(
+            hidden, self.num_heads, self.num_kv_heads, self.head_dim, opts.qkv_bias
+        )
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=opts.o_bias)
+        if opts.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, hf_config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, hf_config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(self.qkv_proj.split_sizes, dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rotary(q, cos, sin, self.interleaved)
+        k = apply_rotary(k, cos, sin, self.interleaved)
+        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
+        return self.o_proj(out.view(num_tokens, -1))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block; with sandwich_norm, the outputs are normed again before the residual."""
+
+    def __init__(self, hf_config, opts: DecoderOptions) -> None:  # noqa: ANN001
+        super().__init__()
+        hidden, eps = hf_config.hidden_size, hf_config.rms_norm_eps
+        self.self_attn = Attention(hf_config, opts)
+        self.mlp = GatedMLP(
+            hidden, hf_config.intermediate_size, hf_config.hidden_act, bias=opts.mlp_bias
+        )
+        self.input_layernorm = RMSNorm(hidden, eps)
+        self.post_attention_layernorm = RMSNorm(hidden, eps)
+        if opts.sandwich_norm:  # HF GLM-4 names
+            self.post_self_attn_layernorm = RMSNorm(hidden, eps)
+            self.post_mlp_layernorm = RMSNorm(hidden, eps)
+        else:
+            self.post_self_attn_layernorm = self.post_mlp_layernorm = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        h = self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
+        if self.post_self_attn_layernorm is not None:
+            h = self.post_self_attn_layernorm(h)
+        x = x + h
+        h = self.mlp(self.post_attention_layernorm(x))
+        if self.post_mlp_layernorm is not None:
+            h = self.post_mlp_layernorm(h)
+        return x + h
+
+
+class DecoderModel(nn.Module):
+    """Embedding, decoder layers and final norm (HF's `model.` prefix)."""
+
+    def __init__(self, hf_config, opts: DecoderOptions) -> None:  # noqa: ANN001
+        super().__init__()
+        self.embed_tokens = nn.Embedding(hf_config.vocab_size, hf_config.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(hf_config, opts) for _ in range(hf_config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(hf_config, head_dim_of(hf_config), opts.interleaved_rope)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb.cos_sin(positions, x.dtype)  # once per step, not per layer
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            x = layer(x, cos, sin, kv_cache, meta)
+        return self.norm(x)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Llama-family causal LM over a flat batch and a paged KV cache."""
+
+    def __init__(self, hf_config) -> None:  # noqa: ANN001 - any HF PretrainedConfig
+        super().__init__()
+        self.hf_config = hf_config
+        self.num_layers = hf_config.num_hidden_layers
+        self.num_kv_heads = (
+            getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+        )
+        self.head_dim = head_dim_of(hf_config)
+        self.vocab_size = hf_config.vocab_size
+        self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
+        self._warn_sliding_window(hf_config)
+        self.model = DecoderModel(hf_config, self.options(hf_config))
+        # tied: read the embedding directly, so no tie can be broken by to_empty or loading
+        self.lm_head = (
+            None
+            if self.tie_word_embeddings
+            else nn.Linear(hf_config.hidden_size, hf_config.vocab_size, bias=False)
+        )
+        self.requires_grad_(False)
+
+    @classmethod
+    def options(cls, hf_config) -> DecoderOptions:  # noqa: ANN001
+        """Llama: q/k/v/o biases follow `attention_bias`, MLP biases `mlp_bias`."""
+        bias = bool(getattr(hf_config, "attention_bias", False))
+        return DecoderOptions(
+            qkv_bias=bias, o_bias=bias, mlp_bias=bool(getattr(hf_config, "mlp_bias", False))
+        )
+
+    @staticmethod
+    def _warn_sliding_window(hf_config) -> None:  # noqa: ANN001
+        # full attention everywhere: exact while the context stays within the window
+        window = getattr(hf_config, "sliding_window", None)
+        enabled = getattr(hf_config, "use_sliding_window", True)
+        if window and enabled and window < getattr(hf_config, "max_position_embeddings", 0):
+            logger.warning(
+                "sliding_window=%d is ignored (full attention); outputs differ beyond it", window
+            )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Hidden states [T, hidden] of the flat batch; writes the new K/V into kv_caches."""
+        return self.model(input_ids, positions, kv_caches, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 logits [N, vocab] for the selected hidden states."""
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load HF-named tensors (cast to the model dtype); raises on unknown or missing names."""
+        skip = {"lm_head.weight"} if self.tie_word_embeddings else set()
+        load_hf_weights(self, weights, skip=skip)
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    """Mistral: Llama with an explicit head_dim; its sliding window is ignored (warned)."""
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    """Qwen2: biases on q/k/v only."""
+
+    @classmethod
+    def options(cls, hf_config) -> DecoderOptions:  # noqa: ANN001
+        return DecoderOptions(qkv_bias=True)
+
+
+class Qwen3ForCausalLM(LlamaForCausalLM):
+    """Qwen3: RMSNorm on q and k per head, explicit head_dim, optional attention biases."""
+
+    @classmethod
+    def options(cls, hf_config) -> DecoderOptions:  # noqa: ANN001
+        bias = bool(getattr(hf_config, "attention_bias", False))
+        return DecoderOptions(qkv_bias=bias, o_bias=bias, qk_norm=True)

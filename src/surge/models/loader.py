@@ -1,0 +1,268 @@
+"""Find a model's files and stream its weights under HF parameter names: safetensors dirs and GGUF."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoConfig, PretrainedConfig
+
+from surge.models.default_model import DEFAULT_MODEL_NAME, pull_default_model
+
+logger = logging.getLogger(__name__)
+
+_GGUF_MAGIC = b"GGUF"
+_DEFAULT_MAX_MODEL_LEN = 2048
+
+# GGUF architectures we can map onto HF configs, and whether llama.cpp permuted their Q/K rows.
+_GGUF_ARCHES: dict[str, tuple[str, bool]] = {
+    "llama": ("llama", True),
+    "qwen2": ("qwen2", False),
+    "qwen3": ("qwen3", False),
+}
+_GGUF_TOP_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+_GGUF_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+# Tensors llama.cpp stores that HF models recompute; safe to drop.
+_GGUF_IGNORED = re.compile(r"^blk\.\d+\.attn_rot_embd$")
+_GGUF_LAYER_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+_GGUF_TOP_RE = re.compile(r"^(\w+)\.(weight|bias)$")
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """What the engine needs to build a model: where it is, its kind, its HF config and context length."""
+
+    path: Path  # an HF directory, or the .gguf file itself
+    is_gguf: bool
+    hf_config: PretrainedConfig
+    max_model_len: int
+
+
+def resolve_model_path(model: str | None) -> Path:
+    """Turn `--model` into a local path: None = the default model, else an HF dir or a .gguf file."""
+    if model is None or model == DEFAULT_MODEL_NAME:
+        return pull_default_model()
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return path
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ggufs[0]
+        found = f"{len(ggufs)} .gguf files" if ggufs else "no config.json and no .gguf file"
+        raise FileNotFoundError(
+            f"model directory {str(path)!r} has {found}; expected an HF directory with "
+            "config.json + *.safetensors, or exactly one .gguf file"
+        )
+    if path.is_file():
+        if _is_gguf_file(path):
+            return path
+        raise ValueError(
+            f"model file {str(path)!r} is not a GGUF file; pass a .gguf file or an HF model directory"
+        )
+    raise FileNotFoundError(
+        f"model {model!r} not found: it is not a local directory or .gguf file. surge never "
+        "downloads from a model hub; download the model first, or omit --model for the default"
+    )
+
+
+def _is_gguf_file(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(4) == _GGUF_MAGIC
+
+
+def load_model_files(model: str | None) -> ModelFiles:
+    """Resolve `model` and read its config (no weights yet)."""
+    path = resolve_model_path(model)
+    if path.is_file():
+        config = _gguf_config(_gguf_reader(path))
+        is_gguf = True
+    else:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        is_gguf = False
+    return ModelFiles(
+        path=path, is_gguf=is_gguf, hf_config=config, max_model_len=_max_model_len(config)
+    )
+
+
+def _max_model_len(config: PretrainedConfig) -> int:
+    for key in ("max_position_embeddings", "n_positions", "seq_length", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    logger.warning("model config names no context length; assuming %d", _DEFAULT_MAX_MODEL_LEN)
+    return _DEFAULT_MAX_MODEL_LEN
+
+
+def iter_weights(files: ModelFiles, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF parameter name, tensor in `dtype`) one at a time, so peak memory stays ~one tensor."""
+    if files.is_gguf:
+        yield from _iter_gguf_weights(files, dtype)
+    else:
+        yield from _iter_safetensors_weights(files.path, dtype)
+
+
+# --- HF safetensors directories ---------------------------------------------------------------
+
+
+def _safetensors_files(directory: Path) -> list[Path]:
+    # The index names the real shards; a bare glob could also pick up e.g. a consolidated copy.
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [directory / name for name in sorted(set(weight_map.values()))]
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(
+            f"no *.safetensors weights in {str(directory)!r}; surge loads safetensors or GGUF only"
+        )
+    return files
+
+
+def _iter_safetensors_weights(
+    directory: Path, dtype: torch.dtype
+) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    for file in _safetensors_files(directory):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                if name.endswith("rotary_emb.inv_freq"):
+                    continue  # recomputed by the model; old checkpoints still carry it
+                yield name, f.get_tensor(name).to(dtype)
+
+
+# --- GGUF files ----------------------------------------------------------------------------------
+
+
+def _gguf_reader(path: Path):  # -> gguf.GGUFReader (kept untyped: gguf has no stubs)
+    import gguf
+
+    return gguf.GGUFReader(str(path))
+
+
+def _gguf_field(reader, key: str, default=None):
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+    return field.contents()
+
+
+def _gguf_arch(reader) -> str:
+    arch = _gguf_field(reader, "general.architecture")
+    if arch not in _GGUF_ARCHES:
+        raise ValueError(
+            f"GGUF architecture {arch!r} is not supported (supported: {', '.join(_GGUF_ARCHES)})"
+        )
+    return arch
+
+
+def _gguf_config(reader) -> PretrainedConfig:
+    """Build the HF config from GGUF metadata (faster than transformers' path, and no tokenizer parse)."""
+    arch = _gguf_arch(reader)
+
+    def meta(key: str, default=None):
+        return _gguf_field(reader, f"{arch}.{key}", default)
+
+    scaling = meta("rope.scaling.type", "none")
+    tensor_names = {t.name for t in reader.tensors}
+    if scaling not in ("none", None) or "rope_freqs.weight" in tensor_names:
+        raise ValueError(
+            f"this GGUF uses rope scaling ({scaling}, rope_freqs) which surge cannot read from "
+            "GGUF; use the model's HF directory instead"
+        )
+    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    num_heads = int(meta("attention.head_count"))
+    hidden_size = int(meta("embedding_length"))
+    kwargs = dict(
+        vocab_size=int(embd.shape[1]),  # GGUF shapes are reversed: [hidden, vocab]
+        hidden_size=hidden_size,
+        intermediate_size=int(meta("feed_forward_length")),
+        num_hidden_layers=int(meta("block_count")),
+        num_attention_heads=num_heads,
+        num_key_value_heads=int(meta("attention.head_count_kv", num_heads)),
+        head_dim=int(meta("attention.key_length", hidden_size // num_heads)),
+        rms_norm_eps=float(meta("attention.layer_norm_rms_epsilon", 1e-6)),
+        max_position_embeddings=int(meta("context_length", _DEFAULT_MAX_MODEL_LEN)),
+        rope_theta=float(meta("rope.freq_base", 10000.0)),
+        tie_word_embeddings="output.weight" not in tensor_names,
+        bos_token_id=_gguf_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_id=_gguf_field(reader, "tokenizer.ggml.eos_token_id"),
+    )
+    if arch == "llama":
+        kwargs["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
+    return AutoConfig.for_model(_GGUF_ARCHES[arch][0], **kwargs)
+
+
+def _gguf_hf_name(gguf_name: str) -> str | None:
+    """Map a GGUF tensor name to its HF name; None for tensors HF models do not keep."""
+    if m := _GGUF_LAYER_RE.match(gguf_name):
+        layer, part, kind = m.groups()
+        if part in _GGUF_LAYER_NAMES:
+            return f"model.layers.{layer}.{_GGUF_LAYER_NAMES[part]}.{kind}"
+    elif m := _GGUF_TOP_RE.match(gguf_name):
+        part, kind = m.groups()
+        if part in _GGUF_TOP_NAMES:
+            return f"{_GGUF_TOP_NAMES[part]}.{kind}"
+    if _GGUF_IGNORED.match(gguf_name.removesuffix(".weight")):
+        return None
+    raise ValueError(f"unexpected GGUF tensor {gguf_name!r}; this model variant is not supported")
+
+
+def _reverse_qk_permute(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's convert_hf_to_gguf `permute`, which interleaves each head's rotary halves."""
+    head_dim = weight.shape[0] // num_heads
+    return (
+        weight.reshape(num_heads, head_dim // 2, 2, *weight.shape[1:])
+        .transpose(1, 2)
+        .reshape(weight.shape)
+    )
+
+
+def _dequantize(tensor) -> torch.Tensor:
+    """One GGUF tensor as float32 torch, in HF shape (GGUF lists dims innermost first)."""
+    from gguf.quants import dequantize
+
+    array = dequantize(tensor.data, tensor.tensor_type)
+    if array.dtype != np.float32 or not array.flags.writeable:
+        array = array.astype(np.float32)  # memmapped F32 tensors are read-only views of the file
+    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+    return torch.from_numpy(array).reshape(shape)
+
+
+def _iter_gguf_weights(files: ModelFiles, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    reader = _gguf_reader(files.path)
+    permuted = _GGUF_ARCHES[_gguf_arch(reader)][1]
+    config = files.hf_config
+    for tensor in reader.tensors:
+        name = _gguf_hf_name(tensor.name)
+        if name is None:
+            continue
+        weight = _dequantize(tensor)
+        if permuted and ".self_attn.q_proj." in name:
+            weight = _reverse_qk_permute(weight, config.num_attention_heads)
+        elif permuted and ".self_attn.k_proj." in name:
+            weight = _reverse_qk_permute(weight, config.num_key_value_heads)
+        yield name, weight.to(dtype)

@@ -1,0 +1,51 @@
+"""The bundled SmolLM2-135M-Instruct through the engine: real answers, and the same invariants."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from surge import LLM, SamplingParams
+from tests.engine.test_invariants import mixed_workload, run_alone, run_batch
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def workload(default_model_path: Path):
+    llm = LLM(str(default_model_path), dtype="float32", enable_prefix_caching=False)
+    prompts, params = mixed_workload(llm.engine.core.runner.vocab_size, num=64, seed=1)
+    for p in params:
+        p.max_tokens = min(p.max_tokens, 12)
+    return prompts, params, run_alone(llm, prompts, params)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"max_num_batched_tokens": 64, "enable_prefix_caching": False}, {"num_kv_blocks": 40, "block_size": 16}],
+    ids=["default", "chunked-no-prefix-cache", "preemption"],
+)
+def test_smollm2_batch_of_64_matches_alone(default_model_path: Path, workload, options: dict) -> None:
+    prompts, params, expected = workload
+    llm = LLM(str(default_model_path), dtype="float32", **options)
+    assert run_batch(llm, prompts, params) == expected
+    if "num_kv_blocks" in options:
+        assert llm.engine.core.scheduler.num_preemptions_total > 0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_smollm2_knows_the_capital_of_france(default_model_path: Path, dtype: str) -> None:
+    llm = LLM(str(default_model_path), dtype=dtype)
+    out = llm.chat(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        SamplingParams(temperature=0.0, max_tokens=32),
+    )[0]
+    assert "Paris" in out.outputs[0].text
+    assert out.outputs[0].finish_reason in {"stop", "length"}
+
+
+def test_default_model_is_used_when_none_given() -> None:
+    llm = LLM(None, num_kv_blocks=64)
+    out = llm.chat([{"role": "user", "content": "Say hello."}], SamplingParams(temperature=0.0, max_tokens=8))[0]
+    assert out.outputs[0].text.strip()
