@@ -13,6 +13,7 @@ from surge.engine.sampler import (
     SamplingRow,
     apply_min_p,
     apply_penalties,
+    apply_top_k,
     apply_top_k_top_p,
 )
 
@@ -130,6 +131,14 @@ def test_top_k_and_top_p_per_row() -> None:
     assert kept.tolist() == [[True, True, False, False]] * 2 + [[True] * 4]
 
 
+def test_top_k_alone_matches_sort_path() -> None:
+    logits = _logits(4, 300, seed=7)
+    top_k = [1, 5, 37, 299]
+    via_sort = apply_top_k_top_p(logits, torch.tensor(top_k), torch.ones(4))
+    assert torch.equal(apply_top_k(logits, top_k), via_sort)
+    assert torch.isfinite(via_sort).sum(-1).tolist() == top_k
+
+
 def test_min_p_filters() -> None:
     logits = torch.tensor(PROBS4).log()
     # Threshold 0.2 * 0.5 = 0.1: only the 0.05 token goes.
@@ -187,8 +196,16 @@ def _run_steps(rows: list[SamplingRow], target: int, num_steps: int) -> list[int
     return tokens
 
 
-def test_seeded_row_independent_of_batch() -> None:
-    params = SamplingParams(temperature=0.9, top_k=200, top_p=0.95, seed=11)
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0.9, top_k=200, top_p=0.95, seed=11),
+        # Alone this row takes the top-k-only path; in the batch below, the full-sort path.
+        SamplingParams(temperature=0.9, top_k=50, seed=12),
+        SamplingParams(temperature=1.1, repetition_penalty=1.3, min_p=0.01, seed=13),
+    ],
+)
+def test_seeded_row_independent_of_batch(params: SamplingParams) -> None:
     alone = _run_steps([_row(params)], target=0, num_steps=6)
     torch.manual_seed(999)  # the unseeded rows' global RNG must not matter
     batch = [
@@ -196,7 +213,7 @@ def test_seeded_row_independent_of_batch() -> None:
         _row(SamplingParams(temperature=0.5, seed=5, min_p=0.1)),
         _row(GREEDY),
         _row(params),
-        _row(SamplingParams(temperature=1.2, top_k=3, logprobs=2)),
+        _row(SamplingParams(temperature=1.2, top_k=3, top_p=0.8, logprobs=2)),
     ]
     assert _run_steps(batch, target=3, num_steps=6) == alone
 

@@ -255,12 +255,12 @@ class KVCacheManager:
         self._num_cached.pop(req_id, None)
         if request.is_finished:
             self._hashes.pop(req_id, None)
-        # Blocks past the computed tokens were cached for K/V this step would have written;
-        # preempted or aborted before that, they hold nothing valid, so forget them.
+        # Blocks past the computed tokens were cached for K/V a step had yet to write; if that
+        # step never ran (preempted, failed) they hold garbage, so forget them. Dropping the
+        # hash of a block another request shares costs a cache entry, never correctness.
         first_invalid = request.num_computed_tokens // self.block_size
         for block in table[first_invalid:]:
-            if block.ref_cnt == 1:
-                self.block_pool.uncache(block)
+            self.block_pool.uncache(block)
         self.block_pool.free(reversed(table))
 
     def reset_prefix_cache(self) -> bool:

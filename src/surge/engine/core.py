@@ -21,7 +21,9 @@ logger = logging.getLogger(__name__)
 _FINISH_STATUS = {"abort": RequestStatus.FINISHED_ABORTED, "stop": RequestStatus.FINISHED_STOPPED}
 
 
-def check_request_fits(num_prompt_tokens: int, max_tokens: int | None, limits: EngineLimits) -> None:
+def check_request_fits(
+    num_prompt_tokens: int, max_tokens: int | None, limits: EngineLimits
+) -> None:
     """Reject what the engine could never finish: raise InvalidRequestError stating the limits."""
     if num_prompt_tokens == 0:
         raise InvalidRequestError("the prompt is empty", param="prompt")
@@ -49,7 +51,9 @@ def check_request_fits(num_prompt_tokens: int, max_tokens: int | None, limits: E
 class EngineCore:
     """Schedules, executes and updates; one bad request or failed step never stops it."""
 
-    def __init__(self, config: EngineConfig, files: ModelFiles, eos_token_ids: tuple[int, ...]) -> None:
+    def __init__(
+        self, config: EngineConfig, files: ModelFiles, eos_token_ids: tuple[int, ...]
+    ) -> None:
         self.runner = ModelRunner(config, files, eos_token_ids)
         self.limits = self.runner.limits
         self.scheduler = Scheduler(config, self.limits)
@@ -62,18 +66,17 @@ class EngineCore:
             vocab = self.runner.vocab_size
             if any(not 0 <= t < vocab for t in msg.prompt_token_ids):
                 raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
-        except InvalidRequestError as e:
-            self._errors.append(EngineCoreOutput(msg.req_id, [], finish_reason="error", error=str(e)))
-            return
-        self.scheduler.add_request(
-            Request(
-                req_id=msg.req_id,
-                prompt_token_ids=list(msg.prompt_token_ids),
-                sampling_params=msg.sampling_params,
-                arrival_time=msg.arrival_time,
-                priority=msg.priority,
+            self.scheduler.add_request(
+                Request(
+                    req_id=msg.req_id,
+                    prompt_token_ids=list(msg.prompt_token_ids),
+                    sampling_params=msg.sampling_params,
+                    arrival_time=msg.arrival_time,
+                    priority=msg.priority,
+                )
             )
-        )
+        except ValueError as e:  # InvalidRequestError included; also a duplicate request id
+            self._errors.append(EngineCoreOutput(msg.req_id, [], finish_reason="error", error=str(e)))
 
     def finish_requests(self, msg: EngineCoreFinish) -> None:
         """Abort (client gone) or stop (stop string) sequences; their blocks are freed now."""
@@ -93,11 +96,17 @@ class EngineCore:
         try:
             return self.runner.execute(sched)
         except Exception as e:  # noqa: BLE001 - a failed step fails its requests, never the core
-            logger.exception("step failed; finishing its %d requests with an error", len(sched.seqs))
+            logger.exception(
+                "step failed; finishing its %d requests with an error", len(sched.seqs)
+            )
             req_ids = [s.request.req_id for s in sched.seqs]
-            for req in self.scheduler.finish_requests(req_ids, RequestStatus.FINISHED_ERROR, error=str(e)):
+            for req in self.scheduler.finish_requests(
+                req_ids, RequestStatus.FINISHED_ERROR, error=str(e)
+            ):
                 self._errors.append(
-                    EngineCoreOutput(req.req_id, [], finish_reason="error", error=f"internal error: {e}")
+                    EngineCoreOutput(
+                        req.req_id, [], finish_reason="error", error=f"internal error: {e}"
+                    )
                 )
             return StepResult({}, {})
 

@@ -21,14 +21,18 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """"auto" = bfloat16 where the hardware runs it natively, else float32."""
+    """ "auto" = bfloat16 where the hardware runs it natively, else float32."""
     if name != "auto":
         if name not in _DTYPES:
             raise ValueError(f"unknown dtype {name!r}; choose one of auto, {', '.join(_DTYPES)}")
         return _DTYPES[name]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if torch.backends.mkldnn.is_available() and _cpu_has_bf16() else torch.float32
+    return (
+        torch.bfloat16
+        if torch.backends.mkldnn.is_available() and _cpu_has_bf16()
+        else torch.float32
+    )
 
 
 def _cpu_has_bf16() -> bool:
@@ -51,7 +55,9 @@ class StepResult:
 class ModelRunner:
     """Owns the model, its KV cache and the per-request sampling generators."""
 
-    def __init__(self, config: EngineConfig, files: ModelFiles, eos_token_ids: tuple[int, ...]) -> None:
+    def __init__(
+        self, config: EngineConfig, files: ModelFiles, eos_token_ids: tuple[int, ...]
+    ) -> None:
         self.config = config
         self.device = torch.device(config.device)
         if config.num_threads:
@@ -62,7 +68,9 @@ class ModelRunner:
         self.model.load_weights(iter_weights(files, self.dtype))
         self.model.eval()
         num_blocks = config.num_kv_blocks or self._blocks_for_memory(config.kv_cache_memory)
-        self.kv_caches = allocate_kv_caches(self.model, num_blocks, config.block_size, self.dtype, self.device)
+        self.kv_caches = allocate_kv_caches(
+            self.model, num_blocks, config.block_size, self.dtype, self.device
+        )
         max_model_len = min(config.max_model_len or files.max_model_len, files.max_model_len)
         self.limits = EngineLimits(
             num_kv_blocks=num_blocks,
@@ -74,8 +82,14 @@ class ModelRunner:
         self._generators: dict[str, torch.Generator] = {}
         logger.info(
             "loaded %s (%s) in %.1fs: %d KV blocks of %d tokens (%d tokens, %.0f MiB), max_model_len %d",
-            files.path.name, self.dtype, time.monotonic() - start, num_blocks, config.block_size,
-            num_blocks * config.block_size, self._bytes_per_block() * num_blocks / 2**20, max_model_len,
+            files.path.name,
+            self.dtype,
+            time.monotonic() - start,
+            num_blocks,
+            config.block_size,
+            num_blocks * config.block_size,
+            self._bytes_per_block() * num_blocks / 2**20,
+            max_model_len,
         )
 
     def _bytes_per_block(self) -> int:
@@ -119,7 +133,9 @@ class ModelRunner:
                 sample_index.append(offset - 1)
                 sample_req_ids.append(req.req_id)
                 rows.append(self._sampling_row(req))
-        meta = build_attention_metadata(query_lens, context_lens, block_tables, self.config.block_size, self.device)
+        meta = build_attention_metadata(
+            query_lens, context_lens, block_tables, self.config.block_size, self.device
+        )
         ids = torch.tensor(input_ids, dtype=torch.int64, device=self.device)
         pos = torch.tensor(positions, dtype=torch.int64, device=self.device)
         hidden = self.model(ids, pos, self.kv_caches, meta)
@@ -128,7 +144,9 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[torch.tensor(sample_index, device=self.device)])
         sampled = self.sampler(logits, rows)
         logprobs = {
-            rid: lp for rid, lp in zip(sample_req_ids, sampled.logprobs, strict=True) if lp is not None
+            rid: lp
+            for rid, lp in zip(sample_req_ids, sampled.logprobs, strict=True)
+            if lp is not None
         }
         return StepResult(dict(zip(sample_req_ids, sampled.token_ids, strict=True)), logprobs)
 

@@ -71,7 +71,10 @@ class OutputProcessor:
                 child_params = _replace(params, n=1, seed=seed)
             child_id = child_req_id(req_id, i, params.n)
             detok = IncrementalDetokenizer(
-                self.tokenizer, prompt_token_ids, params.stop, params.skip_special_tokens,
+                self.tokenizer,
+                prompt_token_ids,
+                params.stop,
+                params.skip_special_tokens,
                 params.include_stop_str_in_output,
             )
             seq = _SeqState(state, CompletionOutput(index=i), detok, params.logprobs is not None)
@@ -80,7 +83,9 @@ class OutputProcessor:
             state.seqs.append(seq)
             self._seqs[child_id] = seq
             core_requests.append(
-                EngineCoreRequest(child_id, prompt_token_ids, child_params, state.metrics.arrival_time, priority)
+                EngineCoreRequest(
+                    child_id, prompt_token_ids, child_params, state.metrics.arrival_time, priority
+                )
             )
         return core_requests
 
@@ -91,7 +96,9 @@ class OutputProcessor:
             return []
         n = len(state.seqs)
         ids = [child_req_id(req_id, i, n) for i in range(n)]
-        live = [cid for cid, seq in zip(ids, state.seqs, strict=True) if not seq.completion.finished]
+        live = [
+            cid for cid, seq in zip(ids, state.seqs, strict=True) if not seq.completion.finished
+        ]
         for cid in ids:
             self._seqs.pop(cid, None)
         return live
@@ -128,7 +135,7 @@ class OutputProcessor:
             c.delta_token_ids.extend(out.new_token_ids)
             c.delta_text += seq.detokenizer.add_tokens(out.new_token_ids)
             if seq.want_logprobs and out.new_logprobs:
-                for (token_id, (lp, top)) in zip(out.new_token_ids, out.new_logprobs, strict=True):
+                for token_id, (lp, top) in zip(out.new_token_ids, out.new_logprobs, strict=True):
                     entry = dict(top)
                     entry[token_id] = lp
                     c.logprobs.append(entry)  # type: ignore[union-attr]
@@ -162,10 +169,16 @@ class OutputProcessor:
 def _snapshot(c: CompletionOutput) -> CompletionOutput:
     """A copy the caller may keep while the engine goes on appending."""
     return CompletionOutput(
-        index=c.index, text=c.text, token_ids=list(c.token_ids), finish_reason=c.finish_reason,
-        stop_reason=c.stop_reason, logprobs=None if c.logprobs is None else list(c.logprobs),
-        cumulative_logprob=c.cumulative_logprob, delta_text=c.delta_text,
-        delta_token_ids=c.delta_token_ids, error=c.error,
+        index=c.index,
+        text=c.text,
+        token_ids=list(c.token_ids),
+        finish_reason=c.finish_reason,
+        stop_reason=c.stop_reason,
+        logprobs=None if c.logprobs is None else list(c.logprobs),
+        cumulative_logprob=c.cumulative_logprob,
+        delta_text=c.delta_text,
+        delta_token_ids=c.delta_token_ids,
+        error=c.error,
     )
 
 

@@ -1,8 +1,9 @@
 """The batched sampler: penalties, greedy, temperature, min-p, top-k/top-p, sampling, logprobs.
 
-Runs once per engine step on the hot path. Every transform is vectorized over the rows that need
-it; the only Python loop over the batch is `_plan` (plus one per seeded row for its own noise),
-and the token ids cross to the host in a single `.tolist()`.
+Runs once per engine step on the hot path. One Python pass (`_plan`) sorts the rows by what they
+need; every transform is then a tensor op over only those rows (the one per-row loop left draws
+each seeded row's noise from its own generator), and the token ids cross to the host in a single
+`.tolist()`.
 """
 
 from __future__ import annotations
@@ -119,22 +120,26 @@ def _penalize(logits: torch.Tensor, rows: list[SamplingRow], idx: list[int]) -> 
     """`logits` with the penalties of rows `idx` applied (vLLM semantics), out of place."""
     vocab_size, device = logits.shape[1], logits.device
     params = [rows[i].params for i in idx]
-    sub = _take(logits, idx)  # every op below is out of place: the raw logits stay intact
-    output_counts = _token_counts([rows[i].output_token_ids for i in idx], vocab_size, device)
+    # Our own copy of the rows, then in place: the raw logits stay intact for logprobs.
+    sub = logits.clone() if len(idx) == logits.shape[0] else _take(logits, idx)
     rep = [p.repetition_penalty for p in params]
     if any(r != 1.0 for r in rep):
-        # HF-style: over prompt and output; prompts of rows without it are skipped.
-        prompts = [
-            rows[i].prompt_token_ids if r != 1.0 else [] for i, r in zip(idx, rep, strict=True)
+        # HF-style over prompt and output: one scatter over both; rows without it add nothing.
+        seen_ids = [
+            rows[i].prompt_token_ids + rows[i].output_token_ids if r != 1.0 else []
+            for i, r in zip(idx, rep, strict=True)
         ]
-        seen = (_token_counts(prompts, vocab_size, device) > 0) | (output_counts > 0)
-        rep_t = torch.tensor(rep, dtype=sub.dtype, device=device).unsqueeze(1).expand_as(sub)
-        scale = torch.where(sub > 0, 1.0 / rep_t, rep_t)
-        sub = torch.where(seen, sub * scale, sub)
-    freq = torch.tensor([p.frequency_penalty for p in params], dtype=sub.dtype, device=device)
-    pres = torch.tensor([p.presence_penalty for p in params], dtype=sub.dtype, device=device)
-    # OpenAI-style: over output tokens only.
-    sub = sub - freq.unsqueeze(1) * output_counts - pres.unsqueeze(1) * (output_counts > 0)
+        seen = _token_counts(seen_ids, vocab_size, device) > 0
+        rep_t = torch.tensor(rep, dtype=sub.dtype, device=device).unsqueeze(1)
+        sub.mul_(torch.where(seen, torch.where(sub > 0, 1.0 / rep_t, rep_t), 1.0))
+    freq = [p.frequency_penalty for p in params]
+    pres = [p.presence_penalty for p in params]
+    if any(freq) or any(pres):
+        # OpenAI-style: over output tokens only.
+        counts = _token_counts([rows[i].output_token_ids for i in idx], vocab_size, device)
+        freq_t = torch.tensor(freq, dtype=sub.dtype, device=device).unsqueeze(1)
+        pres_t = torch.tensor(pres, dtype=sub.dtype, device=device).unsqueeze(1)
+        sub.sub_(freq_t * counts).sub_(pres_t * (counts > 0))
     return _put(logits, idx, sub)
 
 
@@ -151,6 +156,15 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(logits < threshold, -math.inf)
 
 
+def apply_top_k(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:
+    """Keep each row's top_k (V = off) tokens; a partial topk, cheaper than a full sort."""
+    # top_k arrives as host ints so its max needs no device sync.
+    top_vals = logits.topk(max(top_k), dim=-1).values
+    k_t = torch.tensor(top_k, dtype=torch.long, device=logits.device)
+    kth = top_vals.gather(1, (k_t - 1).unsqueeze(1))
+    return logits.masked_fill(logits < kth, -math.inf)
+
+
 def apply_top_k_top_p(
     logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
 ) -> torch.Tensor:
@@ -164,6 +178,21 @@ def apply_top_k_top_p(
     drop[:, -1] = False  # the top token always survives, so top_p tiny is greedy
     sorted_logits.masked_fill_(drop, -math.inf)
     return torch.empty_like(logits).scatter_(1, sorted_ids, sorted_logits)
+
+
+def _filter_top_k_top_p(logits: torch.Tensor, plan: _BatchPlan) -> torch.Tensor:
+    """Top-k/top-p over only the rows that ask; rows with top-k alone skip the full sort."""
+    sel = plan.top_k_top_p
+    device = logits.device
+    top_k_list = [plan.top_k[i] for i in sel]
+    top_p_list = [plan.top_p[i] for i in sel]
+    if all(p >= 1.0 for p in top_p_list):
+        filtered = apply_top_k(_take(logits, sel), top_k_list)
+    else:
+        top_k = torch.tensor(top_k_list, dtype=torch.long, device=device)
+        top_p = torch.tensor(top_p_list, dtype=logits.dtype, device=device)
+        filtered = apply_top_k_top_p(_take(logits, sel), top_k, top_p)
+    return _put(logits, sel, filtered)
 
 
 def _noise(probs: torch.Tensor, plan: _BatchPlan) -> torch.Tensor:
@@ -187,11 +216,7 @@ def _sample(logits: torch.Tensor, plan: _BatchPlan) -> torch.Tensor:
     if any(m > 0.0 for m in plan.min_p):
         logits = apply_min_p(logits, torch.tensor(plan.min_p, dtype=dtype, device=device))
     if plan.top_k_top_p:
-        sel = plan.top_k_top_p
-        top_k = torch.tensor([plan.top_k[i] for i in sel], dtype=torch.long, device=device)
-        top_p = torch.tensor([plan.top_p[i] for i in sel], dtype=dtype, device=device)
-        filtered = apply_top_k_top_p(_take(logits, sel), top_k, top_p)
-        logits = _put(logits, sel, filtered)
+        logits = _filter_top_k_top_p(logits, plan)
     probs = logits.softmax(dim=-1, dtype=torch.float32)
     # Exponential race: argmax(p / E) is a draw from p, batched, with no multinomial sync.
     return probs.div_(_noise(probs, plan)).argmax(dim=-1)

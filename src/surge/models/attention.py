@@ -154,18 +154,17 @@ def paged_attention(
     out = torch.empty_like(q)
     nd = meta.num_decodes
     if nd:
-        # [B, L, Hkv, D] -> [B, Hkv, L, D]; queries [B, H, 1, D]
+        # [B, L, Hkv, D] -> [B, Hkv, L, D]
         keys = k_cache[meta.decode_slots].transpose(1, 2)
         values = v_cache[meta.decode_slots].transpose(1, 2)
+        # each kv head's query group becomes the query length: one plain SDPA with no GQA
+        # expansion (about 2x faster than enable_gqa on CPU in bf16); the mask broadcasts
+        num_kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2]
+        grouped = q[:nd].view(nd, num_kv_heads, -1, head_dim)
         o = F.scaled_dot_product_attention(
-            q[:nd].unsqueeze(2),
-            keys,
-            values,
-            attn_mask=meta.decode_mask,
-            scale=scale,
-            enable_gqa=True,
+            grouped, keys, values, attn_mask=meta.decode_mask, scale=scale
         )
-        out[:nd] = o.squeeze(2)
+        out[:nd] = o.reshape(nd, -1, head_dim)
     # the only loop per layer: one SDPA per prefilling sequence
     for start, qlen, slots, mask in zip(
         meta.prefill_query_starts,

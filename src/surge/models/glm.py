@@ -5,6 +5,8 @@ HF checkpoints already fuse gate/up (`mlp.gate_up_proj`), which loads into our f
 
 from __future__ import annotations
 
+from transformers import PretrainedConfig
+
 from surge.models.llama import DecoderOptions, LlamaForCausalLM
 
 
@@ -12,7 +14,7 @@ class GlmForCausalLM(LlamaForCausalLM):
     """GLM-4 (`GlmForCausalLM`, e.g. glm-4-9b-chat-hf)."""
 
     @classmethod
-    def options(cls, hf_config) -> DecoderOptions:  # noqa: ANN001 - any HF PretrainedConfig
+    def options(cls, hf_config: PretrainedConfig) -> DecoderOptions:
         bias = bool(getattr(hf_config, "attention_bias", True))
         return DecoderOptions(qkv_bias=bias, interleaved_rope=True)
 
@@ -21,6 +23,6 @@ class Glm4ForCausalLM(GlmForCausalLM):
     """GLM-4-0414 (`Glm4ForCausalLM`): adds norms on the attention and MLP outputs."""
 
     @classmethod
-    def options(cls, hf_config) -> DecoderOptions:  # noqa: ANN001
+    def options(cls, hf_config: PretrainedConfig) -> DecoderOptions:
         bias = bool(getattr(hf_config, "attention_bias", True))
         return DecoderOptions(qkv_bias=bias, interleaved_rope=True, sandwich_norm=True)

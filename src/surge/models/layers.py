@@ -8,11 +8,12 @@ survive `to_empty` (which may replace Parameter objects).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -34,7 +35,7 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(dtype)
 
 
-def rope_parameters(hf_config) -> dict:  # noqa: ANN001 - any HF PretrainedConfig
+def rope_parameters(hf_config: PretrainedConfig) -> dict:
     """The config's rope parameters in the transformers 5 shape (`rope_parameters`)."""
     params = getattr(hf_config, "rope_parameters", None)
     if params is None:  # transformers 4.x: rope_theta + rope_scaling
@@ -55,7 +56,9 @@ class RotaryEmbedding(nn.Module):
     `interleaved` rotates pairs (x0, x1), (x2, x3), ... (GLM); otherwise halves (Llama).
     """
 
-    def __init__(self, hf_config, head_dim: int, interleaved: bool = False) -> None:  # noqa: ANN001
+    def __init__(
+        self, hf_config: PretrainedConfig, head_dim: int, interleaved: bool = False
+    ) -> None:
         super().__init__()
         self.hf_config = hf_config
         params = rope_parameters(hf_config)
@@ -63,6 +66,8 @@ class RotaryEmbedding(nn.Module):
         self.rotary_dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
         self.interleaved = interleaved
         self.attention_scaling = 1.0
+        if "dynamic" in self.rope_type or self.rope_type == "longrope":
+            logger.warning("rope_type %r: frequencies fixed at load time", self.rope_type)
         self.register_buffer("inv_freq", torch.empty(self.rotary_dim // 2), persistent=False)
         if self.inv_freq.device.type != "meta":
             self.reset_buffers()
@@ -72,7 +77,9 @@ class RotaryEmbedding(nn.Module):
         inv_freq, self.attention_scaling = self._inv_freq()
         self.inv_freq = inv_freq.to(self.inv_freq.device)
 
-    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 - nn.Module's signature
+    def _apply(
+        self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True
+    ) -> RotaryEmbedding:
         # `.to(bfloat16)` would round the frequencies and `to_empty` leaves garbage: recompute
         super()._apply(fn, recurse)
         if self.inv_freq.device.type != "meta":
@@ -86,8 +93,6 @@ class RotaryEmbedding(nn.Module):
             return 1.0 / (base**exps), 1.0
         if self.rope_type not in ROPE_INIT_FUNCTIONS:
             raise ValueError(f"unsupported rope_type {self.rope_type!r}")
-        if "dynamic" in self.rope_type or self.rope_type == "longrope":
-            logger.warning("rope_type %r: frequencies fixed at load time", self.rope_type)
         inv_freq, scaling = ROPE_INIT_FUNCTIONS[self.rope_type](self.hf_config, torch.device("cpu"))
         return inv_freq.float().cpu(), float(scaling)
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PretrainedConfig
 
 from surge.models.attention import AttentionMetadata, paged_attention
 from surge.models.layers import (
@@ -41,7 +42,7 @@ class DecoderOptions:
     sandwich_norm: bool = False  # GLM-4: norms after the attention and MLP outputs too
 
 
-def head_dim_of(hf_config) -> int:  # noqa: ANN001 - any HF PretrainedConfig
+def head_dim_of(hf_config: PretrainedConfig) -> int:
     """Explicit head_dim when the config has one (Qwen3, Mistral), else hidden / heads."""
     return getattr(hf_config, "head_dim", None) or (
         hf_config.hidden_size // hf_config.num_attention_heads
@@ -51,7 +52,7 @@ def head_dim_of(hf_config) -> int:  # noqa: ANN001 - any HF PretrainedConfig
 class Attention(nn.Module):
     """Fused-QKV attention over the paged KV cache."""
 
-    def __init__(self, hf_config, opts: DecoderOptions) -> None:  # noqa: ANN001
+    def __init__(self, hf_config: PretrainedConfig, opts: DecoderOptions) -> None:
         super().__init__()
         hidden = hf_config.hidden_size
         self.num_heads = hf_config.num_attention_heads
@@ -93,7 +94,7 @@ class Attention(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm block; with sandwich_norm, the outputs are normed again before the residual."""
 
-    def __init__(self, hf_config, opts: DecoderOptions) -> None:  # noqa: ANN001
+    def __init__(self, hf_config: PretrainedConfig, opts: DecoderOptions) -> None:
         super().__init__()
         hidden, eps = hf_config.hidden_size, hf_config.rms_norm_eps
         self.self_attn = Attention(hf_config, opts)
@@ -129,7 +130,7 @@ class DecoderLayer(nn.Module):
 class DecoderModel(nn.Module):
     """Embedding, decoder layers and final norm (HF's `model.` prefix)."""
 
-    def __init__(self, hf_config, opts: DecoderOptions) -> None:  # noqa: ANN001
+    def __init__(self, hf_config: PretrainedConfig, opts: DecoderOptions) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(hf_config.vocab_size, hf_config.hidden_size)
         self.layers = nn.ModuleList(
@@ -155,7 +156,7 @@ class DecoderModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """Llama-family causal LM over a flat batch and a paged KV cache."""
 
-    def __init__(self, hf_config) -> None:  # noqa: ANN001 - any HF PretrainedConfig
+    def __init__(self, hf_config: PretrainedConfig) -> None:
         super().__init__()
         self.hf_config = hf_config
         self.num_layers = hf_config.num_hidden_layers
@@ -176,7 +177,7 @@ class LlamaForCausalLM(nn.Module):
         self.requires_grad_(False)
 
     @classmethod
-    def options(cls, hf_config) -> DecoderOptions:  # noqa: ANN001
+    def options(cls, hf_config: PretrainedConfig) -> DecoderOptions:
         """Llama: q/k/v/o biases follow `attention_bias`, MLP biases `mlp_bias`."""
         bias = bool(getattr(hf_config, "attention_bias", False))
         return DecoderOptions(
@@ -184,7 +185,7 @@ class LlamaForCausalLM(nn.Module):
         )
 
     @staticmethod
-    def _warn_sliding_window(hf_config) -> None:  # noqa: ANN001
+    def _warn_sliding_window(hf_config: PretrainedConfig) -> None:
         # full attention everywhere: exact while the context stays within the window
         window = getattr(hf_config, "sliding_window", None)
         enabled = getattr(hf_config, "use_sliding_window", True)
@@ -222,7 +223,7 @@ class Qwen2ForCausalLM(LlamaForCausalLM):
     """Qwen2: biases on q/k/v only."""
 
     @classmethod
-    def options(cls, hf_config) -> DecoderOptions:  # noqa: ANN001
+    def options(cls, hf_config: PretrainedConfig) -> DecoderOptions:
         return DecoderOptions(qkv_bias=True)
 
 
@@ -230,6 +231,6 @@ class Qwen3ForCausalLM(LlamaForCausalLM):
     """Qwen3: RMSNorm on q and k per head, explicit head_dim, optional attention biases."""
 
     @classmethod
-    def options(cls, hf_config) -> DecoderOptions:  # noqa: ANN001
+    def options(cls, hf_config: PretrainedConfig) -> DecoderOptions:
         bias = bool(getattr(hf_config, "attention_bias", False))
         return DecoderOptions(qkv_bias=bias, o_bias=bias, qk_norm=True)

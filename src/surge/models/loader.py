@@ -20,11 +20,11 @@ logger = logging.getLogger(__name__)
 _GGUF_MAGIC = b"GGUF"
 _DEFAULT_MAX_MODEL_LEN = 2048
 
-# GGUF architectures we can map onto HF configs, and whether llama.cpp permuted their Q/K rows.
-_GGUF_ARCHES: dict[str, tuple[str, bool]] = {
-    "llama": ("llama", True),
-    "qwen2": ("qwen2", False),
-    "qwen3": ("qwen3", False),
+# GGUF architecture -> (HF model_type, HF architecture, whether llama.cpp permuted Q/K rows).
+_GGUF_ARCHES: dict[str, tuple[str, str, bool]] = {
+    "llama": ("llama", "LlamaForCausalLM", True),
+    "qwen2": ("qwen2", "Qwen2ForCausalLM", False),
+    "qwen3": ("qwen3", "Qwen3ForCausalLM", False),
 }
 _GGUF_TOP_NAMES = {
     "token_embd": "model.embed_tokens",
@@ -97,9 +97,10 @@ def load_model_files(model: str | None) -> ModelFiles:
     """Resolve `model` and read its config (no weights yet)."""
     path = resolve_model_path(model)
     if path.is_file():
-        config = _gguf_config(_gguf_reader(path))
+        config = _gguf_config(open_gguf(path))
         is_gguf = True
     else:
+        _safetensors_files(path)  # fail now, before a model is built, if there are no weights
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         is_gguf = False
     return ModelFiles(
@@ -157,13 +158,15 @@ def _iter_safetensors_weights(
 # --- GGUF files ----------------------------------------------------------------------------------
 
 
-def _gguf_reader(path: Path):  # -> gguf.GGUFReader (kept untyped: gguf has no stubs)
+def open_gguf(path: Path):  # -> gguf.GGUFReader (untyped: gguf ships no stubs)
+    """Open a GGUF file (memory-mapped; parsing the metadata takes ~1 s for a big vocabulary)."""
     import gguf
 
     return gguf.GGUFReader(str(path))
 
 
-def _gguf_field(reader, key: str, default=None):
+def gguf_field(reader, key: str, default=None):
+    """One metadata value of an open GGUF file as a Python value, or `default` when absent."""
     field = reader.fields.get(key)
     if field is None:
         return default
@@ -171,7 +174,7 @@ def _gguf_field(reader, key: str, default=None):
 
 
 def _gguf_arch(reader) -> str:
-    arch = _gguf_field(reader, "general.architecture")
+    arch = gguf_field(reader, "general.architecture")
     if arch not in _GGUF_ARCHES:
         raise ValueError(
             f"GGUF architecture {arch!r} is not supported (supported: {', '.join(_GGUF_ARCHES)})"
@@ -184,19 +187,21 @@ def _gguf_config(reader) -> PretrainedConfig:
     arch = _gguf_arch(reader)
 
     def meta(key: str, default=None):
-        return _gguf_field(reader, f"{arch}.{key}", default)
+        return gguf_field(reader, f"{arch}.{key}", default)
 
     scaling = meta("rope.scaling.type", "none")
     tensor_names = {t.name for t in reader.tensors}
     if scaling not in ("none", None) or "rope_freqs.weight" in tensor_names:
         raise ValueError(
-            f"this GGUF uses rope scaling ({scaling}, rope_freqs) which surge cannot read from "
-            "GGUF; use the model's HF directory instead"
+            f"this GGUF uses rope scaling (type {scaling!r} or a rope_freqs tensor), which surge "
+            "does not read from GGUF; use the model's HF directory instead"
         )
     embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
     num_heads = int(meta("attention.head_count"))
     hidden_size = int(meta("embedding_length"))
+    model_type, hf_arch, _ = _GGUF_ARCHES[arch]
     kwargs = dict(
+        architectures=[hf_arch],
         vocab_size=int(embd.shape[1]),  # GGUF shapes are reversed: [hidden, vocab]
         hidden_size=hidden_size,
         intermediate_size=int(meta("feed_forward_length")),
@@ -208,12 +213,20 @@ def _gguf_config(reader) -> PretrainedConfig:
         max_position_embeddings=int(meta("context_length", _DEFAULT_MAX_MODEL_LEN)),
         rope_theta=float(meta("rope.freq_base", 10000.0)),
         tie_word_embeddings="output.weight" not in tensor_names,
-        bos_token_id=_gguf_field(reader, "tokenizer.ggml.bos_token_id"),
-        eos_token_id=_gguf_field(reader, "tokenizer.ggml.eos_token_id"),
+        bos_token_id=gguf_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_id=_gguf_eos_ids(reader),
     )
     if arch == "llama":
         kwargs["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
-    return AutoConfig.for_model(_GGUF_ARCHES[arch][0], **kwargs)
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def _gguf_eos_ids(reader) -> int | list[int] | None:
+    """EOS plus end-of-turn/-message ids: Llama 3 style GGUFs end a chat turn with those."""
+    keys = ("eos", "eot", "eom")
+    found = [gguf_field(reader, f"tokenizer.ggml.{key}_token_id") for key in keys]
+    ids = list(dict.fromkeys(int(i) for i in found if i is not None))
+    return ids[0] if len(ids) == 1 else (ids or None)
 
 
 def _gguf_hf_name(gguf_name: str) -> str | None:
@@ -253,8 +266,8 @@ def _dequantize(tensor) -> torch.Tensor:
 
 
 def _iter_gguf_weights(files: ModelFiles, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    reader = _gguf_reader(files.path)
-    permuted = _GGUF_ARCHES[_gguf_arch(reader)][1]
+    reader = open_gguf(files.path)
+    permuted = _GGUF_ARCHES[_gguf_arch(reader)][2]
     config = files.hf_config
     for tensor in reader.tensors:
         name = _gguf_hf_name(tensor.name)

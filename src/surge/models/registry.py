@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers import PretrainedConfig
 
 from surge.models.glm import Glm4ForCausalLM, GlmForCausalLM
 from surge.models.llama import (
@@ -21,11 +22,22 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     "GlmForCausalLM": GlmForCausalLM,
     "Glm4ForCausalLM": Glm4ForCausalLM,
 }
+# configs built in code (not read from config.json) may list no architectures
+MODEL_TYPES: dict[str, str] = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "glm": "GlmForCausalLM",
+    "glm4": "Glm4ForCausalLM",
+}
 
 
-def model_class(hf_config) -> type[nn.Module]:  # noqa: ANN001 - any HF PretrainedConfig
-    """The class for the config's first listed architecture; ValueError if unsupported."""
+def model_class(hf_config: PretrainedConfig) -> type[nn.Module]:
+    """The class for the config's architecture (or model_type); ValueError if unsupported."""
     archs = list(getattr(hf_config, "architectures", None) or [])
+    if not archs and getattr(hf_config, "model_type", None) in MODEL_TYPES:
+        archs = [MODEL_TYPES[hf_config.model_type]]
     for arch in archs:
         if arch in ARCHITECTURES:
             return ARCHITECTURES[arch]
@@ -35,7 +47,9 @@ def model_class(hf_config) -> type[nn.Module]:  # noqa: ANN001 - any HF Pretrain
     )
 
 
-def create_model(hf_config, dtype: torch.dtype, device: torch.device | str) -> nn.Module:  # noqa: ANN001
+def create_model(
+    hf_config: PretrainedConfig, dtype: torch.dtype, device: torch.device | str
+) -> nn.Module:
     """Build the model for hf_config with uninitialized weights in dtype on device, in eval mode.
 
     Parameters are created on the meta device and materialized with `to_empty`, so nothing is
