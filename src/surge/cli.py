@@ -1,4 +1,4 @@
-"""`surge pull | chat | generate | bench offline`."""
+"""`surge serve | pull | chat | generate | bench offline`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from surge.config import EngineConfig
+from surge.config import EngineConfig, ServerConfig
 
 logger = logging.getLogger("surge")
 
@@ -15,11 +15,23 @@ logger = logging.getLogger("surge")
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """The engine's knobs as flags (names as vLLM's)."""
     d = EngineConfig()
-    parser.add_argument("model", nargs="?", default=None, help="HF directory or .gguf file (default: bundled SmolLM2-135M-Instruct)")
-    parser.add_argument("--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="HF directory or .gguf file (default: bundled SmolLM2-135M-Instruct)",
+    )
+    parser.add_argument(
+        "--dtype", default=d.dtype, choices=["auto", "float32", "bfloat16", "float16"]
+    )
     parser.add_argument("--device", default=d.device)
     parser.add_argument("--block-size", type=int, default=d.block_size)
-    parser.add_argument("--kv-cache-memory", type=parse_size, default=d.kv_cache_memory, help="bytes of KV cache, e.g. 2GiB")
+    parser.add_argument(
+        "--kv-cache-memory",
+        type=parse_size,
+        default=d.kv_cache_memory,
+        help="bytes of KV cache, e.g. 2GiB",
+    )
     parser.add_argument("--num-kv-blocks", type=int, default=None)
     parser.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs)
     parser.add_argument("--max-num-batched-tokens", type=int, default=d.max_num_batched_tokens)
@@ -49,12 +61,100 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
 
 def parse_size(text: str) -> int:
     """'2GiB', '512MiB', '1e9' or a plain byte count -> bytes."""
-    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
+    units = {
+        "kib": 2**10,
+        "mib": 2**20,
+        "gib": 2**30,
+        "kb": 10**3,
+        "mb": 10**6,
+        "gb": 10**9,
+        "b": 1,
+    }
     t = text.strip().lower()
     for suffix, mult in units.items():
         if t.endswith(suffix):
             return int(float(t[: -len(suffix)]) * mult)
     return int(float(t))
+
+
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    """The HTTP service's knobs (`surge serve`)."""
+    d = ServerConfig()
+    parser.add_argument("--host", default=d.host)
+    parser.add_argument("--port", type=int, default=d.port)
+    parser.add_argument("--served-model-name", default=None, help="the model name clients use")
+    parser.add_argument(
+        "--api-key", action="append", default=[], help="a key clients must send (repeatable)"
+    )
+    parser.add_argument(
+        "--api-keys-file", default=None, help="keys, one a line, or JSON lines with per-key limits"
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=d.max_queue,
+        help="sequences waiting beyond --max-num-seqs; more -> 429",
+    )
+    parser.add_argument(
+        "--request-timeout", type=float, default=None, help="seconds from arrival to the last token"
+    )
+    parser.add_argument(
+        "--queue-timeout", type=float, default=None, help="seconds from arrival to the first token"
+    )
+    parser.add_argument(
+        "--keepalive-interval",
+        type=float,
+        default=d.keepalive_interval,
+        help="seconds between SSE keep-alive comments",
+    )
+    parser.add_argument(
+        "--max-body-size",
+        type=parse_size,
+        default=d.max_body_bytes,
+        help="largest request body, e.g. 8MiB",
+    )
+    parser.add_argument(
+        "--rate-limit-rpm", type=int, default=None, help="default requests/minute per key"
+    )
+    parser.add_argument(
+        "--rate-limit-tpm", type=int, default=None, help="default tokens/minute per key"
+    )
+    parser.add_argument("--max-concurrent-per-key", type=int, default=None)
+    parser.add_argument("--default-priority", type=int, default=d.default_priority)
+    parser.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=d.shutdown_grace,
+        help="seconds in-flight requests get after SIGTERM",
+    )
+
+
+def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """Build the frozen ServerConfig from parsed flags."""
+    return ServerConfig(
+        host=args.host,
+        port=args.port,
+        served_model_name=args.served_model_name,
+        api_keys=tuple(args.api_key),
+        api_keys_file=args.api_keys_file,
+        max_queue=args.max_queue,
+        request_timeout=args.request_timeout,
+        queue_timeout=args.queue_timeout,
+        keepalive_interval=args.keepalive_interval,
+        max_body_bytes=args.max_body_size,
+        rate_limit_rpm=args.rate_limit_rpm,
+        rate_limit_tpm=args.rate_limit_tpm,
+        max_concurrent_per_key=args.max_concurrent_per_key,
+        default_priority=args.default_priority,
+        shutdown_grace=args.shutdown_grace,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """The OpenAI-compatible HTTP service."""
+    from surge.server.app import run_server
+
+    return run_server(engine_config_from_args(args), server_config_from_args(args))
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
@@ -69,7 +169,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from surge import LLM, SamplingParams
 
     llm = LLM(**vars(engine_config_from_args(args)))
-    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
+    params = SamplingParams(
+        temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed
+    )
     history: list[dict[str, str]] = []
     if args.system:
         history.append({"role": "system", "content": args.system})
@@ -96,7 +198,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from surge import LLM, SamplingParams
 
     llm = LLM(**vars(engine_config_from_args(args)))
-    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed)
+    params = SamplingParams(
+        temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed
+    )
     for out in llm.generate(args.prompt, params):
         print(out.outputs[0].text)
     return 0
@@ -114,7 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="surge", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("pull", help="fetch the bundled default model into the cache").set_defaults(func=cmd_pull)
+    serve = sub.add_parser("serve", help="the OpenAI-compatible HTTP service")
+    add_engine_args(serve)
+    add_server_args(serve)
+    serve.set_defaults(func=cmd_serve)
+    sub.add_parser("pull", help="fetch the bundled default model into the cache").set_defaults(
+        func=cmd_pull
+    )
     for name, func, help_text in [
         ("chat", cmd_chat, "chat with a model (interactive, or one message with -m)"),
         ("generate", cmd_generate, "complete prompts"),
@@ -130,11 +240,15 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--prompt", action="append", required=True)
         p.set_defaults(func=func)
-    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(
+        dest="bench_command", required=True
+    )
     off = bench.add_parser("offline", help="output tok/s of surge vs HF generate, same weights")
     add_engine_args(off)
     off.add_argument("--batch-sizes", default="1,8,32,64")
-    off.add_argument("--num-requests", type=int, default=0, help="requests per point (default: max(batch, 16))")
+    off.add_argument(
+        "--num-requests", type=int, default=0, help="requests per point (default: max(batch, 16))"
+    )
     off.add_argument("--input-len", type=int, default=64)
     off.add_argument("--output-len", type=int, default=64)
     off.add_argument("--baseline", choices=["hf", "none"], default="hf")

@@ -49,3 +49,37 @@ class EngineLimits:
     def kv_capacity_tokens(self) -> int:
         """Tokens the whole KV cache can hold."""
         return self.num_kv_blocks * self.block_size
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Options of the HTTP service (`surge serve`); frozen like EngineConfig."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: str | None = None  # None = the engine's model name
+    api_keys: tuple[str, ...] = ()  # plain keys from --api-key; hashed when the app starts
+    api_keys_file: str | None = None  # one key per line, or JSON lines with per-key limits
+    max_queue: int = 256  # sequences waiting beyond --max-num-seqs; more -> 429
+    request_timeout: float | None = None  # seconds from arrival to the last token
+    queue_timeout: float | None = None  # seconds from arrival to the first token
+    keepalive_interval: float = 15.0  # seconds between SSE `: keep-alive` comments
+    max_body_bytes: int = 8 * 1024**2
+    rate_limit_rpm: int | None = None  # default requests/minute per key; None = no limit
+    rate_limit_tpm: int | None = None  # default tokens/minute per key (prompt + generated)
+    max_concurrent_per_key: int | None = None  # default in-flight requests per key
+    default_priority: int = 0  # lower runs earlier, as in vLLM
+    shutdown_grace: float = 30.0  # seconds in-flight requests may take after SIGTERM
+    retry_after: int = 1  # seconds clients are told to wait after a 429 for a full queue
+
+    def __post_init__(self) -> None:
+        if self.max_queue < 0:
+            raise ValueError("max_queue must be >= 0")
+        if self.keepalive_interval <= 0:
+            raise ValueError("keepalive_interval must be positive")
+        if self.max_body_bytes <= 0:
+            raise ValueError("max_body_bytes must be positive")
+        for name in ("request_timeout", "queue_timeout"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be positive")

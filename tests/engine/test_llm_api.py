@@ -48,7 +48,7 @@ def test_seeded_sampling_is_reproducible_and_n(llm: LLM) -> None:
     noise = SamplingParams(temperature=1.0, max_tokens=10, ignore_eos=True)
     batch = llm.generate(["The quick", "def add", "Paris"], [p, noise, noise])
     assert batch[0].outputs[0].token_ids == a
-    many = llm.generate("The quick", SamplingParams(n=3, temperature=1.0, max_tokens=10, seed=7, ignore_eos=True))[0]
+    many = llm.generate("The quick", SamplingParams(n=3, temperature=1.0, top_p=0.9, max_tokens=10, seed=7, ignore_eos=True))[0]
     assert [c.index for c in many.outputs] == [0, 1, 2]
     assert many.outputs[0].token_ids == a
     assert len({tuple(c.token_ids) for c in many.outputs}) > 1

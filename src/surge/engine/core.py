@@ -130,11 +130,17 @@ class EngineCore:
                     num_cached_tokens=max(req.num_cached_tokens, 0),
                 )
             )
+        return self.make_outputs(outputs)
+
+    def make_outputs(self, outputs: list[EngineCoreOutput] | None = None) -> EngineCoreOutputs:
+        """Wrap outputs with the scheduler's load; with none, a stats-only message (e.g. after an abort)."""
         s = self.scheduler
         return EngineCoreOutputs(
-            outputs=outputs,
+            outputs=outputs or [],
             num_running=s.num_running,
             num_waiting=s.num_waiting,
             kv_cache_usage=s.kv_cache_usage,
             num_preemptions_total=s.num_preemptions_total,
+            prefix_cache_queries=s.prefix_cache_queries,
+            prefix_cache_hits=s.prefix_cache_hits,
         )

@@ -1,4 +1,4 @@
-"""The engine core's message types (msgspec structs): add, abort/finish, outputs — nothing else."""
+"""The engine core's message types (msgspec structs): add, abort/finish, outputs, ready, shutdown."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import msgspec
 from surge.engine.request import SamplingParams
 
 
-class EngineCoreRequest(msgspec.Struct, frozen=True, array_like=True):
+class EngineCoreRequest(msgspec.Struct, frozen=True, array_like=True, tag=True):
     """Add one sequence to the core (n > 1 is fanned out before this)."""
 
     req_id: str
@@ -17,7 +17,7 @@ class EngineCoreRequest(msgspec.Struct, frozen=True, array_like=True):
     priority: int = 0
 
 
-class EngineCoreFinish(msgspec.Struct, frozen=True, array_like=True):
+class EngineCoreFinish(msgspec.Struct, frozen=True, array_like=True, tag=True):
     """Finish sequences early: an abort (client gone), or a stop string found by the front end."""
 
     req_ids: list[str]
@@ -36,7 +36,7 @@ class EngineCoreOutput(msgspec.Struct, frozen=True, array_like=True):
     num_cached_tokens: int = 0
 
 
-class EngineCoreOutputs(msgspec.Struct, frozen=True, array_like=True):
+class EngineCoreOutputs(msgspec.Struct, frozen=True, array_like=True, tag=True):
     """All of one step's outputs plus the core's load, for metrics and balancing."""
 
     outputs: list[EngineCoreOutput]
@@ -44,3 +44,23 @@ class EngineCoreOutputs(msgspec.Struct, frozen=True, array_like=True):
     num_waiting: int = 0
     kv_cache_usage: float = 0.0
     num_preemptions_total: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache, cumulative
+    prefix_cache_hits: int = 0  # of those, tokens found, cumulative
+
+
+class EngineCoreReady(msgspec.Struct, frozen=True, array_like=True, tag=True):
+    """The core loaded its model and accepts requests: the EngineLimits it found."""
+
+    num_kv_blocks: int
+    block_size: int
+    max_model_len: int
+    eos_token_ids: list[int]
+
+
+class EngineCoreShutdown(msgspec.Struct, frozen=True, array_like=True, tag=True):
+    """Ask the core process to exit its loop and close its sockets."""
+
+
+# What travels on each socket: tagged, so one decoder tells the kinds apart.
+CoreInput = EngineCoreRequest | EngineCoreFinish | EngineCoreShutdown
+CoreOutput = EngineCoreOutputs | EngineCoreReady

@@ -1,0 +1,260 @@
+"""EngineCoreClient: one protocol, two transports — a core on a thread (tests, offline) or in a process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import queue
+import shutil
+import tempfile
+import threading
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Protocol
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from surge.config import EngineConfig, EngineLimits
+from surge.engine.core_proc import build_engine_core, run_core_loop, run_engine_core
+from surge.engine.messages import (
+    CoreInput,
+    CoreOutput,
+    EngineCoreFinish,
+    EngineCoreOutputs,
+    EngineCoreReady,
+    EngineCoreRequest,
+    EngineCoreShutdown,
+)
+
+logger = logging.getLogger(__name__)
+
+# How often a client waiting for outputs checks that its core still lives (the watchdog period).
+WATCHDOG_POLL_MS = 200
+SHUTDOWN_TIMEOUT_S = 5.0
+
+
+class EngineDeadError(RuntimeError):
+    """The engine core is not running (died, restarting or shut down); the server answers 503."""
+
+
+class EngineCoreClient(Protocol):
+    """How the async front end talks to an engine core, wherever it runs."""
+
+    @property
+    def pid(self) -> int | None: ...
+
+    async def start(self) -> EngineLimits:
+        """Start the core and wait until it has loaded; raise EngineDeadError if it dies first."""
+        ...
+
+    def add(self, requests: list[EngineCoreRequest]) -> None:
+        """Send requests to the core (never blocks)."""
+        ...
+
+    def finish(self, msg: EngineCoreFinish) -> None:
+        """Abort or stop sequences in the core (never blocks)."""
+        ...
+
+    async def get_outputs(self) -> EngineCoreOutputs:
+        """The core's next step; raises EngineDeadError once the core is gone."""
+        ...
+
+    def is_alive(self) -> bool: ...
+
+    async def close(self) -> None:
+        """Stop the core and release what the client holds."""
+        ...
+
+
+def limits_from_ready(msg: EngineCoreReady) -> EngineLimits:
+    return EngineLimits(
+        num_kv_blocks=msg.num_kv_blocks,
+        block_size=msg.block_size,
+        max_model_len=msg.max_model_len,
+        eos_token_ids=tuple(msg.eos_token_ids),
+    )
+
+
+class InprocClient:
+    """The core stepped on a dedicated thread of this process; talks through thread-safe queues."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self._inputs: queue.SimpleQueue[CoreInput] = queue.SimpleQueue()
+        self._outputs: asyncio.Queue[EngineCoreOutputs | None] = asyncio.Queue()  # None = dead
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing = False
+
+    @property
+    def pid(self) -> int | None:
+        return None
+
+    async def start(self) -> EngineLimits:
+        self._loop = asyncio.get_running_loop()
+        ready: asyncio.Future[EngineLimits] = self._loop.create_future()
+        self._thread = threading.Thread(
+            target=self._run, args=(ready,), name="surge-engine-core", daemon=True
+        )
+        self._thread.start()
+        return await ready
+
+    def _run(self, ready: asyncio.Future[EngineLimits]) -> None:
+        """Thread body: build the core, report ready, loop; a crash reads as a dead core."""
+        try:
+            core = build_engine_core(self.config)
+        except Exception as e:
+            logger.exception("engine core failed to start")
+            error = EngineDeadError(f"engine core failed to start: {e}")
+            self._call(lambda: ready.done() or ready.set_exception(error))
+            return
+        self._call(lambda: ready.done() or ready.set_result(core.limits))
+        try:
+            run_core_loop(core, self._get_inputs, self._emit, lambda: not self._closing)
+        except Exception:
+            logger.exception("engine core thread failed")
+        finally:
+            self._emit(None)
+
+    def _call(self, fn: object) -> None:
+        """Run fn on the event loop's thread; a closed loop means nobody is listening."""
+        assert self._loop is not None
+        try:
+            self._loop.call_soon_threadsafe(fn)  # type: ignore[arg-type]
+        except RuntimeError:
+            pass
+
+    def _emit(self, outputs: EngineCoreOutputs | None) -> None:
+        self._call(lambda: self._outputs.put_nowait(outputs))
+
+    def _get_inputs(self, timeout: float) -> list[CoreInput]:
+        try:
+            messages = [self._inputs.get(timeout=timeout) if timeout else self._inputs.get_nowait()]
+        except queue.Empty:
+            return []
+        while True:
+            try:
+                messages.append(self._inputs.get_nowait())
+            except queue.Empty:
+                return messages
+
+    def add(self, requests: list[EngineCoreRequest]) -> None:
+        for req in requests:
+            self._inputs.put(req)
+
+    def finish(self, msg: EngineCoreFinish) -> None:
+        self._inputs.put(msg)
+
+    async def get_outputs(self) -> EngineCoreOutputs:
+        outputs = await self._outputs.get()
+        if outputs is None:
+            self._outputs.put_nowait(None)  # stays dead for any later caller
+            raise EngineDeadError("engine core thread stopped")
+        return outputs
+
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    async def close(self) -> None:
+        self._closing = True
+        self._inputs.put(EngineCoreShutdown())
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, SHUTDOWN_TIMEOUT_S)
+
+
+class MPClient:
+    """The core in its own process ("spawn": torch and fork don't mix), over zmq PUSH/PULL ipc."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self._tmpdir = Path(tempfile.mkdtemp(prefix="surge-core-"))
+        input_addr = f"ipc://{self._tmpdir}/input"
+        output_addr = f"ipc://{self._tmpdir}/output"
+        self._ctx = zmq.Context()
+        self._actx = zmq.asyncio.Context()
+        # We connect the input side: a connecting PUSH queues at once, so add() never blocks or
+        # fails, even before the core has bound or after it died (the watchdog fails those).
+        self._input = self._ctx.socket(zmq.PUSH)
+        self._output = self._actx.socket(zmq.PULL)
+        for sock in (self._input, self._output):
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, 0)
+            sock.setsockopt(zmq.RCVHWM, 0)
+        self._input.connect(input_addr)
+        self._output.bind(output_addr)
+        self._encoder = msgspec.msgpack.Encoder()
+        self._decoder = msgspec.msgpack.Decoder(CoreOutput)
+        self._proc: BaseProcess = multiprocessing.get_context("spawn").Process(
+            target=run_engine_core,
+            args=(config, input_addr, output_addr),
+            name="surge-engine-core",
+            daemon=True,  # dies with us if we exit without close()
+        )
+        self._closed = False
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid
+
+    async def start(self) -> EngineLimits:
+        self._proc.start()
+        logger.info("started engine core process %d", self._proc.pid)
+        msg = await self._recv()
+        if not isinstance(msg, EngineCoreReady):
+            raise EngineDeadError(f"engine core sent {type(msg).__name__} before it was ready")
+        return limits_from_ready(msg)
+
+    async def _recv(self) -> CoreOutput:
+        """The next message; polls so a dead process is noticed within WATCHDOG_POLL_MS."""
+        while True:
+            if await self._output.poll(WATCHDOG_POLL_MS):
+                return self._decoder.decode(await self._output.recv())
+            if not self._proc.is_alive():
+                raise EngineDeadError(
+                    f"engine core process {self._proc.pid} exited with code {self._proc.exitcode}"
+                )
+
+    def add(self, requests: list[EngineCoreRequest]) -> None:
+        for req in requests:
+            self._input.send(self._encoder.encode(req), zmq.NOBLOCK)
+
+    def finish(self, msg: EngineCoreFinish) -> None:
+        self._input.send(self._encoder.encode(msg), zmq.NOBLOCK)
+
+    async def get_outputs(self) -> EngineCoreOutputs:
+        msg = await self._recv()
+        if not isinstance(msg, EngineCoreOutputs):
+            raise EngineDeadError(f"engine core sent an unexpected {type(msg).__name__}")
+        return msg
+
+    def is_alive(self) -> bool:
+        return self._proc.is_alive()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._proc.is_alive():
+            self._input.send(self._encoder.encode(EngineCoreShutdown()), zmq.NOBLOCK)
+        if self._proc.pid is not None:
+            await asyncio.to_thread(self._stop_process)
+        self._input.close()
+        self._output.close()
+        self._ctx.term()
+        self._actx.term()
+        shutil.rmtree(self._tmpdir, ignore_errors=True)
+
+    def _stop_process(self) -> None:
+        """Wait for the asked-for exit, then terminate, then kill (runs on a worker thread)."""
+        proc = self._proc
+        proc.join(SHUTDOWN_TIMEOUT_S)
+        if proc.is_alive():
+            logger.warning("engine core %d did not stop; terminating it", proc.pid)
+            proc.terminate()
+            proc.join(SHUTDOWN_TIMEOUT_S)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()

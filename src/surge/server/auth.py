@@ -1,0 +1,121 @@
+"""API keys: hashed at rest, compared in constant time; each key carries its limits and priority.
+
+Keys come from `--api-key` (repeatable) and `--api-keys-file`. The file has one key per line;
+blank lines and lines starting with `#` are skipped. A line is either the bare key, or a JSON
+object with per-key settings (every field optional except one of `key` / `sha256`):
+
+    {"key": "sk-team-a", "name": "team-a", "rpm": 60, "tpm": 20000, "max_concurrent": 4, "priority": 0}
+    {"sha256": "<hex sha256 of the key>", "name": "batch-jobs", "priority": 10}
+
+`sha256` lets the file hold no plain key at all. Fields left out take the server's defaults
+(`--rate-limit-rpm`, `--rate-limit-tpm`, `--max-concurrent-per-key`, priority 0).
+No key configured = the API is open, as in vLLM; every caller is then the key "anonymous".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from surge.config import ServerConfig
+from surge.server.protocol import APIError
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """Who is calling and what they may do; `None` limits are unlimited."""
+
+    name: str
+    rpm: int | None = None
+    tpm: int | None = None
+    max_concurrent: int | None = None
+    priority: int = 0
+
+
+def hash_key(key: str) -> str:
+    """The hex sha256 of a key: what we keep in memory instead of the key."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class KeyStore:
+    """Known key hashes and their settings."""
+
+    def __init__(self, entries: list[tuple[str, KeyInfo]], anonymous: KeyInfo) -> None:
+        self._entries = [(bytes.fromhex(h), info) for h, info in entries]
+        self.anonymous = anonymous
+
+    @property
+    def is_open(self) -> bool:
+        """No keys configured: everyone is let in as `anonymous`."""
+        return not self._entries
+
+    @classmethod
+    def from_config(cls, config: ServerConfig) -> KeyStore:
+        """Keys of --api-key and --api-keys-file; ValueError on a malformed file line."""
+        defaults = KeyInfo(
+            name="anonymous",
+            rpm=config.rate_limit_rpm,
+            tpm=config.rate_limit_tpm,
+            max_concurrent=config.max_concurrent_per_key,
+            priority=config.default_priority,
+        )
+        entries = [
+            (hash_key(k), _with_name(defaults, f"key-{hash_key(k)[:8]}")) for k in config.api_keys
+        ]
+        if config.api_keys_file:
+            text = Path(config.api_keys_file).read_text()
+            for lineno, line in enumerate(text.splitlines(), 1):
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    entries.append(_parse_line(line, defaults, f"{config.api_keys_file}:{lineno}"))
+        return cls(entries, defaults)
+
+    def authenticate(self, authorization: str | None) -> KeyInfo:
+        """The caller of an `Authorization: Bearer KEY` header; APIError 401 if unknown."""
+        if self.is_open:
+            return self.anonymous
+        if not authorization or not authorization.lower().startswith("bearer "):
+            raise APIError(
+                401,
+                "missing API key: send 'Authorization: Bearer YOUR_KEY'",
+                type="authentication_error",
+                code="invalid_api_key",
+            )
+        digest = hashlib.sha256(authorization[7:].strip().encode()).digest()
+        found: KeyInfo | None = None
+        # compare against every key so the time taken says nothing about which one was close
+        for stored, info in self._entries:
+            if hmac.compare_digest(stored, digest):
+                found = info
+        if found is None:
+            raise APIError(
+                401, "invalid API key", type="authentication_error", code="invalid_api_key"
+            )
+        return found
+
+
+def _with_name(defaults: KeyInfo, name: str) -> KeyInfo:
+    return KeyInfo(name, defaults.rpm, defaults.tpm, defaults.max_concurrent, defaults.priority)
+
+
+def _parse_line(line: str, defaults: KeyInfo, where: str) -> tuple[str, KeyInfo]:
+    """One keys-file line -> (sha256 hex, settings)."""
+    if not line.startswith("{"):
+        return hash_key(line), _with_name(defaults, f"key-{hash_key(line)[:8]}")
+    try:
+        obj = json.loads(line)
+        digest = obj["sha256"].lower() if "sha256" in obj else hash_key(obj["key"])
+        bytes.fromhex(digest)
+        info = KeyInfo(
+            name=str(obj.get("name", f"key-{digest[:8]}")),
+            rpm=obj.get("rpm", defaults.rpm),
+            tpm=obj.get("tpm", defaults.tpm),
+            max_concurrent=obj.get("max_concurrent", defaults.max_concurrent),
+            priority=int(obj.get("priority", defaults.priority)),
+        )
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"{where}: bad API key entry ({e})") from e
+    return digest, info

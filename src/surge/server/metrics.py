@@ -1,0 +1,145 @@
+"""Prometheus metrics, one CollectorRegistry per app; names mirror vLLM's with the prefix surge:."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from surge.engine.async_engine import EngineStats
+
+_TTFT_BUCKETS = (
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+_ITL_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+)
+_E2E_BUCKETS = (
+    0.1,
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+)
+
+
+class _EngineStatsCollector(Collector):
+    """Reads the engine's load at scrape time, so the gauges are never stale."""
+
+    def __init__(self, get_stats: Callable[[], EngineStats | None]) -> None:
+        self._get_stats = get_stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._get_stats()
+        running = stats.num_running if stats else 0
+        waiting = stats.num_waiting if stats else 0
+        usage = stats.kv_cache_usage if stats else 0.0
+        preemptions = stats.num_preemptions_total if stats else 0
+        yield GaugeMetricFamily(
+            "surge:num_requests_running", "Sequences running in the engine.", running
+        )
+        yield GaugeMetricFamily(
+            "surge:num_requests_waiting", "Sequences waiting in the engine.", waiting
+        )
+        yield GaugeMetricFamily("surge:kv_cache_usage_perc", "KV cache usage, 0..1.", usage)
+        yield CounterMetricFamily("surge:num_preemptions", "Preemptions since start.", preemptions)
+
+
+class Metrics:
+    """Every metric of one app; the server updates them as requests go."""
+
+    def __init__(self, get_stats: Callable[[], EngineStats | None]) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_EngineStatsCollector(get_stats))
+        r = self.registry
+        self.prompt_tokens = Counter("surge:prompt_tokens", "Prompt tokens processed.", registry=r)
+        self.generation_tokens = Counter("surge:generation_tokens", "Tokens generated.", registry=r)
+        self.request_success = Counter(
+            "surge:request_success",
+            "Finished requests by finish reason.",
+            ["finished_reason"],
+            registry=r,
+        )
+        self.request_rejected = Counter(
+            "surge:request_rejected",
+            "Requests refused before reaching the engine.",
+            ["reason"],
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "surge:time_to_first_token_seconds",
+            "Time to first token.",
+            buckets=_TTFT_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "surge:inter_token_latency_seconds",
+            "Time between output tokens.",
+            buckets=_ITL_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "surge:e2e_request_latency_seconds",
+            "Arrival to last token.",
+            buckets=_E2E_BUCKETS,
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            "surge:request_queue_time_seconds",
+            "Arrival to first scheduled (or first token when the engine doesn't say).",
+            buckets=_TTFT_BUCKETS,
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        """The text exposition format."""
+        return generate_latest(self.registry)
