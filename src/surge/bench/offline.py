@@ -73,12 +73,10 @@ def load_hf_model(llm):  # noqa: ANN001, ANN201
     from surge.models.loader import iter_weights
 
     files, dtype = llm.engine.files, llm.engine.core.runner.dtype
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(files.hf_config, dtype=dtype)
-    state = dict(iter_weights(files, dtype))
-    if "lm_head.weight" not in state and getattr(files.hf_config, "tie_word_embeddings", False):
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    model.load_state_dict(state, strict=False, assign=True)
+    model = AutoModelForCausalLM.from_config(files.hf_config, dtype=dtype)
+    missing, unexpected = model.load_state_dict(dict(iter_weights(files, dtype)), strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise RuntimeError(f"HF baseline weights do not match: {missing=} {unexpected=}")
     model.tie_weights()
     return model.eval()
 

@@ -9,6 +9,7 @@ import queue
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Protocol
@@ -119,11 +120,11 @@ class InprocClient:
         finally:
             self._emit(None)
 
-    def _call(self, fn: object) -> None:
+    def _call(self, fn: Callable[[], object]) -> None:
         """Run fn on the event loop's thread; a closed loop means nobody is listening."""
         assert self._loop is not None
         try:
-            self._loop.call_soon_threadsafe(fn)  # type: ignore[arg-type]
+            self._loop.call_soon_threadsafe(fn)
         except RuntimeError:
             pass
 
@@ -166,7 +167,10 @@ class InprocClient:
 
 
 class MPClient:
-    """The core in its own process ("spawn": torch and fork don't mix), over zmq PUSH/PULL ipc."""
+    """The core in its own process ("spawn": torch and fork don't mix), over zmq PUSH/PULL ipc.
+
+    As with any "spawn" start, a script that creates one needs an `if __name__ == "__main__":` guard.
+    """
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
