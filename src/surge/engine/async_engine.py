@@ -10,7 +10,7 @@ from pathlib import Path
 
 from surge.config import EngineConfig, EngineLimits
 from surge.engine.client import EngineCoreClient, EngineDeadError, InprocClient, MPClient
-from surge.engine.core import check_request_fits
+from surge.engine.inputs import check_request_fits, encode_prompt
 from surge.engine.messages import EngineCoreFinish, EngineCoreOutput, EngineCoreOutputs
 from surge.engine.output_processor import OutputProcessor
 from surge.engine.outputs import RequestOutput
@@ -101,11 +101,7 @@ class AsyncEngine:
 
     def encode_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         """Text or token ids -> (text, token ids)."""
-        if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt)
-        if not isinstance(prompt, list) or not all(isinstance(t, int) for t in prompt):
-            raise InvalidRequestError("a prompt is a string or a list of token ids", param="prompt")
-        return None, list(prompt)
+        return encode_prompt(self.tokenizer, prompt)
 
     async def generate(
         self, req_id: str, prompt: str | list[int], params: SamplingParams, priority: int = 0

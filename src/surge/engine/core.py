@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from surge.config import EngineConfig, EngineLimits
+from surge.config import EngineConfig
+from surge.engine.inputs import check_request_fits
 from surge.engine.messages import (
     EngineCoreFinish,
     EngineCoreOutput,
@@ -19,33 +20,6 @@ from surge.models.loader import ModelFiles
 logger = logging.getLogger(__name__)
 
 _FINISH_STATUS = {"abort": RequestStatus.FINISHED_ABORTED, "stop": RequestStatus.FINISHED_STOPPED}
-
-
-def check_request_fits(
-    num_prompt_tokens: int, max_tokens: int | None, limits: EngineLimits
-) -> None:
-    """Reject what the engine could never finish: raise InvalidRequestError stating the limits."""
-    if num_prompt_tokens == 0:
-        raise InvalidRequestError("the prompt is empty", param="prompt")
-    if num_prompt_tokens >= limits.max_model_len:
-        raise InvalidRequestError(
-            f"the prompt has {num_prompt_tokens} tokens; this model's maximum context length is "
-            f"{limits.max_model_len} tokens (prompt + at least one generated token)",
-            param="messages",
-        )
-    total = num_prompt_tokens + (max_tokens or 1)
-    if max_tokens is not None and total > limits.max_model_len:
-        raise InvalidRequestError(
-            f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = {total} exceeds "
-            f"this model's maximum context length of {limits.max_model_len} tokens",
-            param="max_tokens",
-        )
-    if total > limits.kv_capacity_tokens:
-        raise InvalidRequestError(
-            f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens or 1}) = {total} can never "
-            f"fit the KV cache of {limits.kv_capacity_tokens} tokens",
-            param="max_tokens",
-        )
 
 
 class EngineCore:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 
 from surge.config import EngineConfig, EngineLimits
-from surge.engine.core import EngineCore, check_request_fits
+from surge.engine.core import EngineCore
+from surge.engine.inputs import check_request_fits, encode_prompt
 from surge.engine.messages import EngineCoreFinish
 from surge.engine.output_processor import OutputProcessor
 from surge.engine.outputs import RequestOutput
-from surge.engine.request import InvalidRequestError, SamplingParams
+from surge.engine.request import SamplingParams
 from surge.models.loader import load_model_files
 from surge.tokenizer import Tokenizer
 
@@ -32,11 +33,7 @@ class LLMEngine:
 
     def encode_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
         """Text or token ids -> (text, token ids)."""
-        if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt)
-        if not isinstance(prompt, list) or not all(isinstance(t, int) for t in prompt):
-            raise InvalidRequestError("a prompt is a string or a list of token ids", param="prompt")
-        return None, list(prompt)
+        return encode_prompt(self.tokenizer, prompt)
 
     def add_request(
         self,

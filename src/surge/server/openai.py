@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Coroutine
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from surge.engine.core import check_request_fits
+from surge.engine.inputs import check_request_fits
 from surge.engine.outputs import RequestOutput
 from surge.engine.request import SamplingParams
 from surge.server.admission import Ticket
