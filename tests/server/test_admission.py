@@ -17,7 +17,12 @@ from tests.server.conftest import TINY_ARGS
 from tests.server.utils import RemoteSurgeServer, parse_stream, remote_server, sse_events
 
 CHAT = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 2, "temperature": 0}
-LONG = {"prompt": "hello", "max_tokens": 500, "ignore_eos": True, "temperature": 0}  # >= 0.4 s of steps
+LONG = {
+    "prompt": "hello",
+    "max_tokens": 500,
+    "ignore_eos": True,
+    "temperature": 0,
+}  # >= 0.4 s of steps
 
 
 def auth(key: str) -> dict[str, str]:
@@ -25,16 +30,22 @@ def auth(key: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def keyed_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RemoteSurgeServer]:
+def keyed_server(
+    tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RemoteSurgeServer]:
     keys = tmp_path_factory.mktemp("keys") / "keys.jsonl"
     hashed = hashlib.sha256(b"sk-hashed").hexdigest()
     keys.write_text(
         "# team keys\n"
         "sk-plain\n"
-        + json.dumps({"key": "sk-rpm", "name": "rpm", "rpm": 3}) + "\n"
-        + json.dumps({"key": "sk-tpm", "name": "tpm", "tpm": 30}) + "\n"
-        + json.dumps({"key": "sk-one", "name": "one", "max_concurrent": 1}) + "\n"
-        + json.dumps({"sha256": hashed, "name": "hashed", "priority": 5}) + "\n"
+        + json.dumps({"key": "sk-rpm", "name": "rpm", "rpm": 3})
+        + "\n"
+        + json.dumps({"key": "sk-tpm", "name": "tpm", "tpm": 30})
+        + "\n"
+        + json.dumps({"key": "sk-one", "name": "one", "max_concurrent": 1})
+        + "\n"
+        + json.dumps({"sha256": hashed, "name": "hashed", "priority": 5})
+        + "\n"
     )
     args = [*TINY_ARGS, "--api-key", "sk-cli", "--api-keys-file", str(keys)]
     with remote_server(tiny_model_dir, args) as server:
@@ -93,7 +104,9 @@ def test_max_concurrent_per_key(keyed_server: RemoteSurgeServer) -> None:
 
 def test_overload_gets_429_at_once(tiny_model_dir: Path) -> None:
     """Far more requests than --max-num-seqs + --max-queue: the excess is refused immediately."""
-    with remote_server(tiny_model_dir, [*TINY_ARGS, "--max-num-seqs", "2", "--max-queue", "2"]) as server:
+    with remote_server(
+        tiny_model_dir, [*TINY_ARGS, "--max-num-seqs", "2", "--max-queue", "2"]
+    ) as server:
 
         async def one(c: httpx.AsyncClient) -> tuple[httpx.Response, float]:
             t0 = time.monotonic()
@@ -123,36 +136,50 @@ def test_request_timeout(tiny_model_dir: Path) -> None:
     with remote_server(tiny_model_dir, [*TINY_ARGS, "--request-timeout", "0.05"]) as server:
         r = httpx.post(server.url("/v1/completions"), json=LONG, timeout=60)
         assert r.status_code == 504
-        assert r.json()["error"]["type"] == "timeout_error" and r.json()["error"]["code"] == "request_timeout"
-        with httpx.stream("POST", server.url("/v1/completions"), json={**LONG, "stream": True}, timeout=60) as s:
+        assert (
+            r.json()["error"]["type"] == "timeout_error"
+            and r.json()["error"]["code"] == "request_timeout"
+        )
+        with httpx.stream(
+            "POST", server.url("/v1/completions"), json={**LONG, "stream": True}, timeout=60
+        ) as s:
             assert s.status_code == 200
             events = list(sse_events(s.iter_lines()))
         assert events[-1] == "[DONE]"
         assert json.loads(events[-2])["error"]["code"] == "request_timeout"
         # the server is fine afterwards, and the timed-out requests left the engine
-        assert httpx.post(server.url("/v1/completions"), json={**LONG, "max_tokens": 2}, timeout=60).status_code == 200
+        assert (
+            httpx.post(
+                server.url("/v1/completions"), json={**LONG, "max_tokens": 2}, timeout=60
+            ).status_code
+            == 200
+        )
         assert server.metrics()['surge:request_success_total{finished_reason="timeout"}'] == 2
 
 
 def test_keepalive_and_queue_timeout(tiny_model_dir: Path) -> None:
     """A request waiting behind another gets `: keep-alive` comments, then its queue-wait timeout."""
-    args = [*TINY_ARGS, "--max-num-seqs", "1", "--keepalive-interval", "0.02", "--queue-timeout", "0.25"]
+    args = [*TINY_ARGS, "--max-num-seqs", "1", "--keepalive-interval", "0.02"]
+    args += ["--queue-timeout", "0.25"]
     with remote_server(tiny_model_dir, args) as server:
 
-        async def run() -> tuple[httpx.Response, list[str]]:
+        async def run() -> list[str]:
             async with httpx.AsyncClient(timeout=60) as c:
-                # the occupant's 500 steps take >= 0.4 s; it gets its first token well within 0.25 s
-                occupant = asyncio.create_task(c.post(server.url("/v1/completions"), json=LONG))
-                await asyncio.sleep(0.05)
-                async with c.stream("POST", server.url("/v1/completions"), json={**LONG, "stream": True}) as s:
-                    events = [e async for e in _aiter_events(s)]
-                return await occupant, events
+                # the occupant's 8 x 500 sequential steps take >= 1 s once it has its first token
+                body = {**LONG, "n": 8, "stream": True}
+                async with c.stream("POST", server.url("/v1/completions"), json=body) as occupant:
+                    lines = occupant.aiter_lines()
+                    assert (await anext(lines)).startswith("data: {")
+                    waiter = c.stream(
+                        "POST", server.url("/v1/completions"), json={**LONG, "stream": True}
+                    )
+                    async with waiter as s:
+                        return [e async for e in _aiter_events(s)]
 
-        occupant, events = asyncio.run(run())
-        assert occupant.status_code == 200
-        chunks, comments = parse_stream(events)
+        chunks, comments = parse_stream(asyncio.run(run()))
         assert comments and all(c == ": keep-alive" for c in comments)
-        assert chunks[-1]["error"]["code"] == "queue_timeout"
+        assert len(chunks) == 1 and chunks[0]["error"]["code"] == "queue_timeout"
+        assert chunks[0]["error"]["type"] == "timeout_error"
 
 
 async def _aiter_events(response: httpx.Response) -> list[str]:

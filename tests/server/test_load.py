@@ -35,7 +35,11 @@ def chat(i: int) -> list[dict[str, str]]:
 async def stream_chat(client, i: int) -> str:  # noqa: ANN001 - openai.AsyncOpenAI
     text, finish = "", None
     stream = await client.chat.completions.create(
-        model="SmolLM2-135M-Instruct", messages=chat(i), max_tokens=MAX_TOKENS, temperature=0, stream=True
+        model="SmolLM2-135M-Instruct",
+        messages=chat(i),
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        stream=True,
     )
     async for chunk in stream:
         for choice in chunk.choices:
@@ -50,7 +54,9 @@ def test_64_concurrent_streams_match_alone(server: RemoteSurgeServer) -> None:
     alone = [
         client.chat.completions.create(
             model="SmolLM2-135M-Instruct", messages=chat(i), max_tokens=MAX_TOKENS, temperature=0
-        ).choices[0].message.content
+        )
+        .choices[0]
+        .message.content
         for i in range(64)
     ]
     assert len(set(alone)) > 32  # distinct prompts, distinct answers: mixing would show
@@ -67,7 +73,13 @@ def test_cut_streams_free_the_engine(server: RemoteSurgeServer) -> None:
     """32 clients leave after a few tokens: running requests and KV usage go back to 0 within 2 s."""
 
     async def cut(c: httpx.AsyncClient, i: int) -> int:
-        body = {"messages": chat(i), "max_tokens": 400, "ignore_eos": True, "temperature": 0, "stream": True}
+        body = {
+            "messages": chat(i),
+            "max_tokens": 400,
+            "ignore_eos": True,
+            "temperature": 0,
+            "stream": True,
+        }
         seen = 0
         async with c.stream("POST", server.url("/v1/chat/completions"), json=body) as r:
             async for line in r.aiter_lines():
@@ -95,12 +107,20 @@ def test_cut_streams_free_the_engine(server: RemoteSurgeServer) -> None:
 def test_kill_engine_core_mid_stream(server: RemoteSurgeServer) -> None:
     """kill -9 of the core: open streams get an error event and [DONE] within 2 s; it comes back."""
     client = server.client()
-    before = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=chat(7), max_tokens=MAX_TOKENS, temperature=0)
+    before = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", messages=chat(7), max_tokens=MAX_TOKENS, temperature=0
+    )
     started: asyncio.Event
     ends: list[float] = []
 
     async def open_stream(c: httpx.AsyncClient, i: int, n_started: list[int]) -> list[str]:
-        body = {"messages": chat(i), "max_tokens": 2000, "ignore_eos": True, "temperature": 0, "stream": True}
+        body = {
+            "messages": chat(i),
+            "max_tokens": 2000,
+            "ignore_eos": True,
+            "temperature": 0,
+            "stream": True,
+        }
         events = []
         async with c.stream("POST", server.url("/v1/chat/completions"), json=body) as r:
             async for line in r.aiter_lines():
@@ -132,5 +152,7 @@ def test_kill_engine_core_mid_stream(server: RemoteSurgeServer) -> None:
     assert httpx.get(server.url("/ready")).status_code == 503
     assert httpx.get(server.url("/health")).status_code == 200
     server.wait_ready(240)
-    after = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=chat(7), max_tokens=MAX_TOKENS, temperature=0)
+    after = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", messages=chat(7), max_tokens=MAX_TOKENS, temperature=0
+    )
     assert after.choices[0].message.content == before.choices[0].message.content

@@ -40,7 +40,9 @@ def child_pids(pid: int) -> list[int]:
 class RemoteSurgeServer:
     """Starts `python -m surge.cli serve MODEL ARGS` and waits for /ready; `close()` kills it by PID."""
 
-    def __init__(self, model: str | Path | None, args: list[str], ready_timeout: float = 240.0) -> None:
+    def __init__(
+        self, model: str | Path | None, args: list[str], ready_timeout: float = 240.0
+    ) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(prefix="surge-serve-", suffix=".log", delete=False)
@@ -63,7 +65,9 @@ class RemoteSurgeServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"surge serve exited with {self.proc.returncode}:\n{self.read_log()}")
+                raise RuntimeError(
+                    f"surge serve exited with {self.proc.returncode}:\n{self.read_log()}"
+                )
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(self.url("/ready"), timeout=2).status_code == 200:
                     self._pids_seen.update(child_pids(self.proc.pid))
@@ -85,7 +89,9 @@ class RemoteSurgeServer:
         return openai.OpenAI(base_url=self.url("/v1"), api_key=api_key, max_retries=0, timeout=120)
 
     def async_client(self, api_key: str = "none") -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url=self.url("/v1"), api_key=api_key, max_retries=0, timeout=300)
+        return openai.AsyncOpenAI(
+            base_url=self.url("/v1"), api_key=api_key, max_retries=0, timeout=300
+        )
 
     def metrics(self) -> dict[str, float]:
         """Unlabelled samples of /metrics by name."""
