@@ -111,3 +111,10 @@ def test_chat_uses_template(llm: LLM) -> None:
     out = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))[0]
     tok = llm.get_tokenizer()
     assert tok.decode(out.prompt_token_ids, skip_special_tokens=False).endswith("<|im_start|>assistant\n")
+
+
+def test_metrics_timestamps_are_ordered(llm: LLM) -> None:
+    out = llm.generate("Paris", SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))[0]
+    m = out.metrics
+    assert m is not None and m.first_scheduled_time is not None
+    assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.finished_time

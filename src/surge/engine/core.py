@@ -36,10 +36,14 @@ class EngineCore:
     def add_request(self, msg: EngineCoreRequest) -> None:
         """Queue a request; one that can't be served ends at once with an error output."""
         try:
-            check_request_fits(len(msg.prompt_token_ids), msg.sampling_params.max_tokens, self.limits)
+            check_request_fits(
+                len(msg.prompt_token_ids), msg.sampling_params.max_tokens, self.limits
+            )
             vocab = self.runner.vocab_size
             if any(not 0 <= t < vocab for t in msg.prompt_token_ids):
-                raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+                raise InvalidRequestError(
+                    f"prompt token ids must be in [0, {vocab})", param="prompt"
+                )
             self.scheduler.add_request(
                 Request(
                     req_id=msg.req_id,
@@ -50,7 +54,9 @@ class EngineCore:
                 )
             )
         except ValueError as e:  # InvalidRequestError included; also a duplicate request id
-            self._errors.append(EngineCoreOutput(msg.req_id, [], finish_reason="error", error=str(e)))
+            self._errors.append(
+                EngineCoreOutput(msg.req_id, [], finish_reason="error", error=str(e))
+            )
 
     def finish_requests(self, msg: EngineCoreFinish) -> None:
         """Abort (client gone) or stop (stop string) sequences; their blocks are freed now."""
@@ -64,7 +70,7 @@ class EngineCore:
         sched = self.scheduler.schedule()
         result = self._execute(sched)
         updated = self.scheduler.update_from_output(sched, result.sampled_token_ids)
-        return self._make_outputs(updated, result)
+        return self._make_outputs(updated, result, sched.first_scheduled_req_ids)
 
     def _execute(self, sched: SchedulerOutput) -> StepResult:
         try:
@@ -84,7 +90,9 @@ class EngineCore:
                 )
             return StepResult({}, {})
 
-    def _make_outputs(self, updated: list[Request], result: StepResult) -> EngineCoreOutputs:
+    def _make_outputs(
+        self, updated: list[Request], result: StepResult, first_scheduled: list[str]
+    ) -> EngineCoreOutputs:
         outputs, self._errors = self._errors, []
         for req in updated:
             new_ids = [req.output_token_ids[-1]] if req.req_id in result.sampled_token_ids else []
@@ -104,9 +112,13 @@ class EngineCore:
                     num_cached_tokens=max(req.num_cached_tokens, 0),
                 )
             )
-        return self.make_outputs(outputs)
+        return self.make_outputs(outputs, first_scheduled)
 
-    def make_outputs(self, outputs: list[EngineCoreOutput] | None = None) -> EngineCoreOutputs:
+    def make_outputs(
+        self,
+        outputs: list[EngineCoreOutput] | None = None,
+        first_scheduled: list[str] | None = None,
+    ) -> EngineCoreOutputs:
         """Wrap outputs with the scheduler's load; with none, a stats-only message (e.g. after an abort)."""
         s = self.scheduler
         return EngineCoreOutputs(
@@ -117,4 +129,5 @@ class EngineCore:
             num_preemptions_total=s.num_preemptions_total,
             prefix_cache_queries=s.prefix_cache_queries,
             prefix_cache_hits=s.prefix_cache_hits,
+            first_scheduled_req_ids=first_scheduled or [],
         )

@@ -46,6 +46,7 @@ class EngineCoreOutputs(msgspec.Struct, frozen=True, array_like=True, tag=True):
     num_preemptions_total: int = 0
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache, cumulative
     prefix_cache_hits: int = 0  # of those, tokens found, cumulative
+    first_scheduled_req_ids: list[str] = []  # sequences that left the queue this step
 
 
 class EngineCoreReady(msgspec.Struct, frozen=True, array_like=True, tag=True):

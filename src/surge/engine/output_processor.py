@@ -108,6 +108,10 @@ class OutputProcessor:
         touched: dict[str, _RequestState] = {}
         stopped: list[str] = []
         now = time.monotonic()
+        for req_id in outputs.first_scheduled_req_ids:
+            seq = self._seqs.get(req_id)
+            if seq is not None and seq.parent.metrics.first_scheduled_time is None:
+                seq.parent.metrics.first_scheduled_time = now
         for out in outputs.outputs:
             seq = self._seqs.get(out.req_id)
             if seq is None:

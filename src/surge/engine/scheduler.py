@@ -40,6 +40,7 @@ class SchedulerOutput:
     num_batched_tokens: int
     preempted_req_ids: list[str]
     finished_req_ids: list[str]  # finished or aborted since the previous schedule()
+    first_scheduled_req_ids: list[str] = field(default_factory=list)  # queue wait ends here
 
 
 @dataclass(slots=True)
@@ -50,6 +51,7 @@ class _Step:
     seqs: dict[str, ScheduledSeq] = field(default_factory=dict)
     preempted_req_ids: list[str] = field(default_factory=list)
     running_preempted: bool = False  # a running request lost its blocks to another one
+    first_scheduled_req_ids: list[str] = field(default_factory=list)
 
     def add(self, request: Request, num_new_tokens: int, block_ids: list[int]) -> None:
         num_computed = request.num_computed_tokens
@@ -176,6 +178,7 @@ class Scheduler:
             num_batched_tokens=sum(s.num_new_tokens for s in seqs),
             preempted_req_ids=step.preempted_req_ids,
             finished_req_ids=finished,
+            first_scheduled_req_ids=step.first_scheduled_req_ids,
         )
 
     def update_from_output(
@@ -260,6 +263,7 @@ class Scheduler:
             request.num_computed_tokens = num_hit
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_hit
+                step.first_scheduled_req_ids.append(request.req_id)
             step.add(request, num_new, self.kv.get_block_ids(request.req_id))
 
     # ---- status changes: every one goes through _preempt or _finish --------------------------
