@@ -1,4 +1,4 @@
-"""`surge serve | pull | chat | generate | bench offline`."""
+"""`surge serve | pull | chat | generate | bench offline | bench serve | bench report`."""
 
 from __future__ import annotations
 
@@ -213,6 +213,38 @@ def cmd_bench_offline(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_serve(args: argparse.Namespace) -> int:
+    """Serving benchmark: streaming chat load against surge and its peers."""
+    from surge.bench.serve import main_serve
+
+    return main_serve(args)
+
+
+def cmd_bench_report(args: argparse.Namespace) -> int:
+    """Rewrite BENCHMARKS.md's serving section from the JSON results."""
+    from pathlib import Path
+
+    from surge.bench.report import regenerate
+
+    print(regenerate(Path(args.results_dir), Path(args.benchmarks_md)))
+    return 0
+
+
+def add_bench_serve_parsers(bench: argparse._SubParsersAction) -> None:
+    """`bench serve` and `bench report`."""
+    from surge.bench.serve import add_serve_args
+
+    serve = bench.add_parser(
+        "serve", help="streaming chat load on surge and peers: throughput, latency, goodput"
+    )
+    add_serve_args(serve)
+    serve.set_defaults(func=cmd_bench_serve)
+    report = bench.add_parser("report", help="regenerate BENCHMARKS.md's serving section")
+    report.add_argument("--results-dir", default="benchmarks/results")
+    report.add_argument("--benchmarks-md", default="BENCHMARKS.md")
+    report.set_defaults(func=cmd_bench_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line."""
     parser = argparse.ArgumentParser(prog="surge", description=__doc__)
@@ -254,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     off.add_argument("--baseline", choices=["hf", "none"], default="hf")
     off.add_argument("--output", default=None, help="write JSON results here")
     off.set_defaults(func=cmd_bench_offline)
+    add_bench_serve_parsers(bench)
     return parser
 
 

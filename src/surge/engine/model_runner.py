@@ -66,6 +66,7 @@ class ModelRunner:
         start = time.monotonic()
         self.model = create_model(files.hf_config, self.dtype, self.device)
         self.model.load_weights(iter_weights(files, self.dtype))
+        num_packed = self.model.pack_weights()
         self.model.eval()
         num_blocks = config.num_kv_blocks or self._blocks_for_memory(config.kv_cache_memory)
         self.kv_caches = allocate_kv_caches(
@@ -81,9 +82,10 @@ class ModelRunner:
         self.sampler = Sampler()
         self._generators: dict[str, torch.Generator] = {}
         logger.info(
-            "loaded %s (%s) in %.1fs: %d KV blocks of %d tokens (%d tokens, %.0f MiB), max_model_len %d",
+            "loaded %s (%s, %d linears pre-packed) in %.1fs: %d KV blocks of %d tokens (%d tokens, %.0f MiB), max_model_len %d",
             files.path.name,
             self.dtype,
+            num_packed,
             time.monotonic() - start,
             num_blocks,
             config.block_size,

@@ -157,6 +157,10 @@ def paged_attention(
         # [B, L, Hkv, D] -> [B, Hkv, L, D]
         keys = k_cache[meta.decode_slots].transpose(1, 2)
         values = v_cache[meta.decode_slots].transpose(1, 2)
+        # Padding to the batch's longest context moves a row's last bits with its batch mates
+        # (fused SDPA sums over the padded length); so do the vendor GEMMs of the linears,
+        # whatever we do here. A per-length-bucket float32 matmul path was bit-invariant but
+        # 0.79x the throughput at batch 64 (BENCHMARKS.md), so it was not kept.
         # each kv head's query group becomes the query length: one plain SDPA with no GQA
         # expansion (about 2x faster than enable_gqa on CPU in bf16); the mask broadcasts
         num_kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2]

@@ -18,11 +18,14 @@ from transformers import PretrainedConfig
 from surge.models.attention import AttentionMetadata, paged_attention
 from surge.models.layers import (
     GatedMLP,
+    Linear,
     QKVLinear,
     RMSNorm,
     RotaryEmbedding,
     apply_rotary,
+    can_pack,
     load_hf_weights,
+    pack_linears,
 )
 
 logger = logging.getLogger(__name__)
@@ -63,7 +66,7 @@ class Attention(nn.Module):
         self.qkv_proj = QKVLinear(
             hidden, self.num_heads, self.num_kv_heads, self.head_dim, opts.qkv_bias
         )
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=opts.o_bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias=opts.o_bias)
         if opts.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, hf_config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, hf_config.rms_norm_eps)
@@ -172,7 +175,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = (
             None
             if self.tie_word_embeddings
-            else nn.Linear(hf_config.hidden_size, hf_config.vocab_size, bias=False)
+            else Linear(hf_config.hidden_size, hf_config.vocab_size, bias=False)
         )
         self.requires_grad_(False)
 
@@ -206,8 +209,17 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits [N, vocab] for the selected hidden states."""
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        if self.lm_head is None:
+            return F.linear(hidden, self.model.embed_tokens.weight).float()
+        return self.lm_head(hidden).float()
+
+    def pack_weights(self) -> int:
+        """Pre-pack the linears for the CPU's matmul library (bf16 on CPU); call after loading."""
+        if self.lm_head is None and can_pack(self.model.embed_tokens.weight):
+            # tied: a packed copy for the logits; the embedding keeps its own table for lookups
+            self.lm_head = Linear(self.model.embed_tokens.embedding_dim, self.vocab_size, bias=False)
+            self.lm_head.weight = self.model.embed_tokens.weight
+        return pack_linears(self)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load HF-named tensors (cast to the model dtype); raises on unknown or missing names."""
