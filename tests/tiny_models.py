@@ -43,7 +43,9 @@ def make_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
     )
 
 
-def make_tiny_model_dir(path: Path, architecture: str = "llama", seed: int = 0, **config_overrides: object) -> Path:
+def make_tiny_model_dir(
+    path: Path, architecture: str = "llama", seed: int = 0, **config_overrides: object
+) -> Path:
     """Save a tiny random model of one architecture and the tiny tokenizer to `path`."""
     from transformers import AutoConfig
 

@@ -12,7 +12,9 @@ class EngineConfig:
     """Options of one engine; frozen, never written back at run time."""
 
     model: str | None = None  # None = the bundled default model (SmolLM2-135M-Instruct GGUF)
-    dtype: str = "auto"  # "auto" (bf16 on CPU when supported, else fp32), "float32", "bfloat16", "float16"
+    dtype: str = (
+        "auto"  # "auto" (bf16 on CPU when supported, else fp32), "float32", "bfloat16", "float16"
+    )
     device: str = "cpu"
     block_size: int = DEFAULT_BLOCK_SIZE
     kv_cache_memory: int = 2 * 1024**3  # bytes of KV cache (CPU)

@@ -55,7 +55,11 @@ class LLM:
     ) -> list[RequestOutput]:
         if sampling_params is None:
             sampling_params = SamplingParams()
-        params = [sampling_params] * len(prompts) if isinstance(sampling_params, SamplingParams) else list(sampling_params)
+        params = (
+            [sampling_params] * len(prompts)
+            if isinstance(sampling_params, SamplingParams)
+            else list(sampling_params)
+        )
         if len(params) != len(prompts):
             raise ValueError("give one SamplingParams, or one per prompt")
         order: dict[str, int] = {}

@@ -23,10 +23,16 @@ def workload(default_model_path: Path):
 
 @pytest.mark.parametrize(
     "options",
-    [{}, {"max_num_batched_tokens": 64, "enable_prefix_caching": False}, {"num_kv_blocks": 40, "block_size": 16}],
+    [
+        {},
+        {"max_num_batched_tokens": 64, "enable_prefix_caching": False},
+        {"num_kv_blocks": 40, "block_size": 16},
+    ],
     ids=["default", "chunked-no-prefix-cache", "preemption"],
 )
-def test_smollm2_batch_of_64_matches_alone(default_model_path: Path, workload, options: dict) -> None:
+def test_smollm2_batch_of_64_matches_alone(
+    default_model_path: Path, workload, options: dict
+) -> None:
     prompts, params, expected = workload
     llm = LLM(str(default_model_path), dtype="float32", **options)
     assert run_batch(llm, prompts, params) == expected
@@ -47,5 +53,7 @@ def test_smollm2_knows_the_capital_of_france(default_model_path: Path, dtype: st
 
 def test_default_model_is_used_when_none_given() -> None:
     llm = LLM(None, num_kv_blocks=64)
-    out = llm.chat([{"role": "user", "content": "Say hello."}], SamplingParams(temperature=0.0, max_tokens=8))[0]
+    out = llm.chat(
+        [{"role": "user", "content": "Say hello."}], SamplingParams(temperature=0.0, max_tokens=8)
+    )[0]
     assert out.outputs[0].text.strip()

@@ -15,7 +15,9 @@ def llm(tiny_model_dir: Path) -> LLM:
 
 
 def test_generate_text_prompt_and_finish_reasons(llm: LLM) -> None:
-    out = llm.generate("The quick brown fox", SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True))[0]
+    out = llm.generate(
+        "The quick brown fox", SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    )[0]
     assert out.finished and out.outputs[0].finish_reason == "length"
     assert len(out.outputs[0].token_ids) == 5
     assert out.outputs[0].text == llm.get_tokenizer().decode(out.outputs[0].token_ids)
@@ -25,7 +27,9 @@ def test_stop_token_ids_and_eos(llm: LLM) -> None:
     greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     ids = llm.generate("Paris is", greedy)[0].outputs[0].token_ids
     stop_at = ids[3]
-    out = llm.generate("Paris is", SamplingParams(temperature=0.0, max_tokens=8, stop_token_ids=[stop_at]))[0]
+    out = llm.generate(
+        "Paris is", SamplingParams(temperature=0.0, max_tokens=8, stop_token_ids=[stop_at])
+    )[0]
     first = ids.index(stop_at)
     assert out.outputs[0].token_ids == ids[: first + 1]
     assert out.outputs[0].finish_reason == "stop" and out.outputs[0].stop_reason == stop_at
@@ -36,7 +40,9 @@ def test_stop_string_truncates_text(llm: LLM) -> None:
     full = llm.generate("Many users", greedy)[0].outputs[0].text
     assert len(full) > 6
     stop = full[3:5]
-    out = llm.generate("Many users", SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, stop=[stop]))[0]
+    out = llm.generate(
+        "Many users", SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, stop=[stop])
+    )[0]
     c = out.outputs[0]
     assert c.finish_reason == "stop" and c.stop_reason == stop
     assert c.text == full[: full.index(stop)]
@@ -48,20 +54,27 @@ def test_seeded_sampling_is_reproducible_and_n(llm: LLM) -> None:
     noise = SamplingParams(temperature=1.0, max_tokens=10, ignore_eos=True)
     batch = llm.generate(["The quick", "def add", "Paris"], [p, noise, noise])
     assert batch[0].outputs[0].token_ids == a
-    many = llm.generate("The quick", SamplingParams(n=3, temperature=1.0, top_p=0.9, max_tokens=10, seed=7, ignore_eos=True))[0]
+    many = llm.generate(
+        "The quick",
+        SamplingParams(n=3, temperature=1.0, top_p=0.9, max_tokens=10, seed=7, ignore_eos=True),
+    )[0]
     assert [c.index for c in many.outputs] == [0, 1, 2]
     assert many.outputs[0].token_ids == a
     assert len({tuple(c.token_ids) for c in many.outputs}) > 1
 
 
 def test_logprobs(llm: LLM) -> None:
-    out = llm.generate("Paris", SamplingParams(temperature=0.0, max_tokens=4, logprobs=3, ignore_eos=True))[0]
+    out = llm.generate(
+        "Paris", SamplingParams(temperature=0.0, max_tokens=4, logprobs=3, ignore_eos=True)
+    )[0]
     c = out.outputs[0]
     assert c.logprobs is not None and len(c.logprobs) == 4
     for token_id, entry in zip(c.token_ids, c.logprobs, strict=True):
         assert token_id in entry and 3 <= len(entry) <= 4
         assert entry[token_id] == max(entry.values())  # greedy picks the most likely token
-    assert c.cumulative_logprob == pytest.approx(sum(e[t] for t, e in zip(c.token_ids, c.logprobs, strict=True)))
+    assert c.cumulative_logprob == pytest.approx(
+        sum(e[t] for t, e in zip(c.token_ids, c.logprobs, strict=True))
+    )
 
 
 def test_bad_input_raises_and_engine_keeps_serving(llm: LLM) -> None:
@@ -83,7 +96,9 @@ def test_out_of_vocab_token_finishes_that_request_with_error(llm: LLM) -> None:
     engine = llm.engine
     vocab = engine.core.runner.vocab_size
     engine.add_request("bad", [vocab + 5], SamplingParams(max_tokens=2))
-    engine.add_request("good", [5, 6, 7], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
+    engine.add_request(
+        "good", [5, 6, 7], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+    )
     done = {}
     while engine.has_unfinished_requests():
         for out in engine.step():
@@ -97,7 +112,9 @@ def test_abort_frees_blocks_at_once(llm: LLM) -> None:
     engine = llm.engine
     sched = engine.core.scheduler
     for i in range(4):
-        engine.add_request(f"a{i}", list(range(5, 60)), SamplingParams(max_tokens=100, ignore_eos=True))
+        engine.add_request(
+            f"a{i}", list(range(5, 60)), SamplingParams(max_tokens=100, ignore_eos=True)
+        )
     engine.step()
     engine.step()
     assert sched.kv_cache_usage > 0
@@ -108,9 +125,14 @@ def test_abort_frees_blocks_at_once(llm: LLM) -> None:
 
 
 def test_chat_uses_template(llm: LLM) -> None:
-    out = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))[0]
+    out = llm.chat(
+        [{"role": "user", "content": "hi"}],
+        SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True),
+    )[0]
     tok = llm.get_tokenizer()
-    assert tok.decode(out.prompt_token_ids, skip_special_tokens=False).endswith("<|im_start|>assistant\n")
+    assert tok.decode(out.prompt_token_ids, skip_special_tokens=False).endswith(
+        "<|im_start|>assistant\n"
+    )
 
 
 def test_metrics_timestamps_are_ordered(llm: LLM) -> None:

@@ -59,8 +59,12 @@ def bench_hf(model, prompts: list[list[int]], batch: int, output_len: int) -> Be
     for i in range(0, len(prompts), batch):
         ids = torch.tensor(prompts[i : i + batch])
         out = model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=output_len,
-            min_new_tokens=output_len, do_sample=False, pad_token_id=0,
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=output_len,
+            min_new_tokens=output_len,
+            do_sample=False,
+            pad_token_id=0,
         )
         tokens += (out.shape[1] - ids.shape[1]) * ids.shape[0]
     return BenchPoint("hf", batch, len(prompts), tokens, time.perf_counter() - start)
@@ -98,7 +102,9 @@ def run_offline_bench(args: argparse.Namespace) -> list[BenchPoint]:
         with torch.inference_mode():
             bench_hf(hf, warm, 2, 4)
     for batch in batches:
-        prompts = make_prompts(args.num_requests or max(batch, 16), args.input_len, vocab, seed=batch)
+        prompts = make_prompts(
+            args.num_requests or max(batch, 16), args.input_len, vocab, seed=batch
+        )
         points.append(bench_surge(llm, prompts, batch, args.output_len))
         logger.info("surge batch %d: %.1f tok/s", batch, points[-1].tokens_per_s)
         if hf is not None:
@@ -123,6 +129,12 @@ def format_table(points: list[BenchPoint], args: argparse.Namespace) -> str:
     ]
     for batch in sorted({p.batch_size for p in points}):
         s, h = by.get(("surge", batch)), by.get(("hf", batch))
-        hf_cols = f"{h.tokens_per_s:.1f} | {h.ms_per_step:.1f} | {s.tokens_per_s / h.tokens_per_s:.2f}x" if h and s else "- | - | -"
-        lines.append(f"| {batch} | {s.num_requests} | {s.tokens_per_s:.1f} | {s.ms_per_step:.1f} | {hf_cols} |")
+        hf_cols = (
+            f"{h.tokens_per_s:.1f} | {h.ms_per_step:.1f} | {s.tokens_per_s / h.tokens_per_s:.2f}x"
+            if h and s
+            else "- | - | -"
+        )
+        lines.append(
+            f"| {batch} | {s.num_requests} | {s.tokens_per_s:.1f} | {s.ms_per_step:.1f} | {hf_cols} |"
+        )
     return "\n".join(lines)

@@ -81,18 +81,45 @@ class SamplingParams:
             (isinstance(self.n, int) and self.n >= 1, "n", "n must be an integer >= 1"),
             (self.temperature >= 0.0, "temperature", "temperature must be >= 0"),
             (0.0 < self.top_p <= 1.0, "top_p", "top_p must be in (0, 1]"),
-            (isinstance(self.top_k, int) and self.top_k >= -1, "top_k", "top_k must be -1, 0 or a positive integer"),
+            (
+                isinstance(self.top_k, int) and self.top_k >= -1,
+                "top_k",
+                "top_k must be -1, 0 or a positive integer",
+            ),
             (0.0 <= self.min_p <= 1.0, "min_p", "min_p must be in [0, 1]"),
             (self.repetition_penalty > 0.0, "repetition_penalty", "repetition_penalty must be > 0"),
-            (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "presence_penalty must be in [-2, 2]"),
-            (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "frequency_penalty must be in [-2, 2]"),
-            (self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
-             "max_tokens", "max_tokens must be an integer >= 1"),
-            (self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
-             "logprobs", "logprobs must be an integer in [0, 20]"),
-            (all(isinstance(s, str) and s for s in self.stop), "stop", "stop must be non-empty strings"),
-            (all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
-             "stop_token_ids", "stop_token_ids must be non-negative integers"),
+            (
+                -2.0 <= self.presence_penalty <= 2.0,
+                "presence_penalty",
+                "presence_penalty must be in [-2, 2]",
+            ),
+            (
+                -2.0 <= self.frequency_penalty <= 2.0,
+                "frequency_penalty",
+                "frequency_penalty must be in [-2, 2]",
+            ),
+            (
+                self.max_tokens is None
+                or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+                "max_tokens",
+                "max_tokens must be an integer >= 1",
+            ),
+            (
+                self.logprobs is None
+                or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
+                "logprobs",
+                "logprobs must be an integer in [0, 20]",
+            ),
+            (
+                all(isinstance(s, str) and s for s in self.stop),
+                "stop",
+                "stop must be non-empty strings",
+            ),
+            (
+                all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+                "stop_token_ids",
+                "stop_token_ids must be non-negative integers",
+            ),
             (self.seed is None or isinstance(self.seed, int), "seed", "seed must be an integer"),
         ]
         for ok, param, message in checks:
