@@ -8,8 +8,14 @@ import logging
 import random
 import time
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from surge.llm import LLM
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +45,7 @@ def make_prompts(num: int, input_len: int, vocab: int, seed: int = 0) -> list[li
     return [[rng.randrange(100, vocab) for _ in range(input_len)] for _ in range(num)]
 
 
-def bench_surge(llm, prompts: list[list[int]], batch: int, output_len: int) -> BenchPoint:  # noqa: ANN001
+def bench_surge(llm: LLM, prompts: list[list[int]], batch: int, output_len: int) -> BenchPoint:
     """Rounds of `batch` concurrent requests through the engine."""
     from surge import SamplingParams
 
@@ -52,7 +58,9 @@ def bench_surge(llm, prompts: list[list[int]], batch: int, output_len: int) -> B
     return BenchPoint("surge", batch, len(prompts), tokens, time.perf_counter() - start)
 
 
-def bench_hf(model, prompts: list[list[int]], batch: int, output_len: int) -> BenchPoint:  # noqa: ANN001
+def bench_hf(
+    model: PreTrainedModel, prompts: list[list[int]], batch: int, output_len: int
+) -> BenchPoint:
     """HF `generate`, static batches of equal-length prompts (no padding needed)."""
     start = time.perf_counter()
     tokens = 0
@@ -70,7 +78,7 @@ def bench_hf(model, prompts: list[list[int]], batch: int, output_len: int) -> Be
     return BenchPoint("hf", batch, len(prompts), tokens, time.perf_counter() - start)
 
 
-def load_hf_model(llm):  # noqa: ANN001, ANN201
+def load_hf_model(llm: LLM) -> PreTrainedModel:
     """The same weights as surge's, in transformers' own implementation."""
     from transformers import AutoModelForCausalLM
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from surge.config import EngineConfig, EngineLimits
+from surge.engine.request import Request
 from surge.engine.sampler import Sampler, SamplingRow
 from surge.engine.scheduler import SchedulerOutput
 from surge.models.attention import allocate_kv_caches, build_attention_metadata
@@ -152,7 +153,7 @@ class ModelRunner:
         }
         return StepResult(dict(zip(sample_req_ids, sampled.token_ids, strict=True)), logprobs)
 
-    def _sampling_row(self, req) -> SamplingRow:  # noqa: ANN001 - Request, kept light on the hot path
+    def _sampling_row(self, req: Request) -> SamplingRow:
         params = req.sampling_params
         gen = None
         if params.seed is not None and not params.is_greedy:
