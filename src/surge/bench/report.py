@@ -198,7 +198,8 @@ def _run_section(result: dict, json_path: Path, md_dir: Path) -> str:
         f"TPOT <= {1000 * slo['tpot']:.0f} ms. Machine: {machine['cpu']}, {machine['num_cpus']} "
         f"CPUs, {machine['memory_gib']} GiB; Python {machine['python']}, torch {machine['torch']}, "
         f"transformers {machine['transformers']}; {versions}. 1-minute load average when each "
-        f"system started (2 = both cores busy elsewhere): {loads or 'not recorded'}. "
+        f"system started (it still holds the previous system's own load, which decays over a "
+        f"minute): {loads or 'not recorded'}. "
         f"Results: `{_rel(json_path, md_dir)}`.",
         "",
         format_run_tables(result),
