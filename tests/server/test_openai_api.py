@@ -218,6 +218,23 @@ def test_metrics_names(tiny_server: RemoteSurgeServer) -> None:
         "surge:e2e_request_latency_seconds_bucket",
         "surge:request_queue_time_seconds_bucket",
         "surge:request_rejected_total",
+        "surge:prefix_cache_queries_total",
+        "surge:prefix_cache_hits_total",
     ]:
         assert f"\n{name}" in text or f"# TYPE {name}" in text, name
     assert httpx.get(tiny_server.url("/ready")).json() == {"status": "ready"}
+
+
+def test_prefix_cache_hits_reach_metrics(tiny_server: RemoteSurgeServer) -> None:
+    def value(name: str) -> float:
+        text = httpx.get(tiny_server.url("/metrics")).text
+        return float(next(ln.split()[-1] for ln in text.splitlines() if ln.startswith(name + " ")))
+
+    before = value("surge:prefix_cache_hits_total")
+    prompt = "The quick brown fox jumps over the lazy dog. " * 8  # several full KV blocks
+    for _ in range(2):
+        tiny_server.client().completions.create(
+            model=tiny_server_model(tiny_server), prompt=prompt, max_tokens=1
+        )
+    assert value("surge:prefix_cache_hits_total") > before
+    assert value("surge:prefix_cache_queries_total") >= value("surge:prefix_cache_hits_total")

@@ -36,7 +36,17 @@ class EngineStats:
     num_waiting: int = 0
     kv_cache_usage: float = 0.0
     num_preemptions_total: int = 0
-    prefix_cache_hit_rate: float = 0.0  # hit tokens / looked-up tokens, 0..1 (0 before any)
+    prefix_cache_queries: int = (
+        0  # prompt tokens looked up in the prefix cache, since the core started
+    )
+    prefix_cache_hits: int = 0  # of those, tokens found cached
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        """Hit tokens / looked-up tokens, 0..1 (0 before any)."""
+        return (
+            self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+        )
 
 
 def model_name(model: str | None) -> str:
@@ -202,13 +212,13 @@ class AsyncEngine:
             await self._restart()
 
     def _handle_outputs(self, client: EngineCoreClient, outputs: EngineCoreOutputs) -> None:
-        queries = outputs.prefix_cache_queries
         self._stats = EngineStats(
             num_running=outputs.num_running,
             num_waiting=outputs.num_waiting,
             kv_cache_usage=outputs.kv_cache_usage,
             num_preemptions_total=outputs.num_preemptions_total,
-            prefix_cache_hit_rate=outputs.prefix_cache_hits / queries if queries else 0.0,
+            prefix_cache_queries=outputs.prefix_cache_queries,
+            prefix_cache_hits=outputs.prefix_cache_hits,
         )
         if not outputs.outputs:
             return

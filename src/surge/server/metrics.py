@@ -92,6 +92,12 @@ class _EngineStatsCollector(Collector):
         )
         yield GaugeMetricFamily("surge:kv_cache_usage_perc", "KV cache usage, 0..1.", usage)
         yield CounterMetricFamily("surge:num_preemptions", "Preemptions since start.", preemptions)
+        queries = stats.prefix_cache_queries if stats else 0
+        hits = stats.prefix_cache_hits if stats else 0
+        yield CounterMetricFamily(
+            "surge:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", queries
+        )
+        yield CounterMetricFamily("surge:prefix_cache_hits", "Of those, tokens found cached.", hits)
 
 
 class Metrics:
