@@ -78,31 +78,18 @@ def bench_hf(
     return BenchPoint("hf", batch, len(prompts), tokens, time.perf_counter() - start)
 
 
-def load_hf_model(llm: LLM) -> PreTrainedModel:
-    """The same weights as surge's, in transformers' own implementation."""
-    from transformers import AutoModelForCausalLM
-
-    from surge.models.loader import iter_weights
-
-    files, dtype = llm.engine.files, llm.engine.core.runner.dtype
-    model = AutoModelForCausalLM.from_config(files.hf_config, dtype=dtype)
-    missing, unexpected = model.load_state_dict(dict(iter_weights(files, dtype)), strict=False)
-    if unexpected or set(missing) - {"lm_head.weight"}:
-        raise RuntimeError(f"HF baseline weights do not match: {missing=} {unexpected=}")
-    model.tie_weights()
-    return model.eval()
-
-
 def run_offline_bench(args: argparse.Namespace) -> list[BenchPoint]:
     """Measure every batch size for surge and the baseline; print a markdown table."""
     from surge import LLM
+    from surge.bench.naive_server import load_hf_model
     from surge.cli import engine_config_from_args
 
     batches = [int(b) for b in args.batch_sizes.split(",")]
     config = engine_config_from_args(args)
     llm = LLM(**{**vars(config), "max_num_seqs": max(max(batches), config.max_num_seqs)})
-    vocab = llm.engine.core.runner.vocab_size
-    hf = load_hf_model(llm) if args.baseline == "hf" else None
+    runner = llm.engine.core.runner
+    vocab = runner.vocab_size
+    hf = load_hf_model(llm.engine.files, runner.dtype) if args.baseline == "hf" else None
     points: list[BenchPoint] = []
     warm = make_prompts(2, args.input_len, vocab, seed=99)
     bench_surge(llm, warm, 2, 4)
