@@ -286,3 +286,22 @@ def test_masked_vocab_is_never_sampled() -> None:
 def test_row_count_mismatch_raises() -> None:
     with pytest.raises(ValueError):
         Sampler()(_logits(2, 10), [_row(GREEDY)])
+
+
+def test_top_p_over_candidates_equals_full_sort() -> None:
+    """Large vocabulary: peaked rows use the top-candidates path, flat rows fall back; same mask."""
+    from surge.engine.sampler import _top_k_top_p_candidates
+
+    g = torch.Generator().manual_seed(5)
+    vocab = 8192
+    peaked = torch.randn(3, vocab, generator=g) * 8.0  # nucleus within the top 512
+    flat = torch.randn(2, vocab, generator=g) * 0.1  # nucleus far wider than 512 tokens
+    logits = torch.cat([peaked, flat])
+    top_k = [vocab, 40, vocab, vocab, 1000]
+    top_p = [0.9, 0.8, 0.5, 0.9, 0.95]
+    got = _top_k_top_p_candidates(logits, top_k, top_p)
+    want = apply_top_k_top_p(logits, torch.tensor(top_k), torch.tensor(top_p))
+    assert torch.equal(torch.isfinite(got), torch.isfinite(want))
+    kept = torch.isfinite(want)
+    assert torch.equal(got[kept], want[kept])
+    assert int(kept[3].sum()) > 512  # the flat row really needed the fall-back

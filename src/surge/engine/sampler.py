@@ -15,7 +15,8 @@ import torch
 
 from surge.engine.request import SamplingParams
 
-_MIN_NOISE = torch.finfo(torch.float32).tiny
+# top-p looks for the nucleus among this many most likely tokens before sorting the whole row
+_TOP_P_CANDIDATES = 512
 
 
 @dataclass(slots=True)
@@ -183,28 +184,49 @@ def apply_top_k_top_p(
 def _filter_top_k_top_p(logits: torch.Tensor, plan: _BatchPlan) -> torch.Tensor:
     """Top-k/top-p over only the rows that ask; rows with top-k alone skip the full sort."""
     sel = plan.top_k_top_p
-    device = logits.device
     top_k_list = [plan.top_k[i] for i in sel]
     top_p_list = [plan.top_p[i] for i in sel]
     if all(p >= 1.0 for p in top_p_list):
         filtered = apply_top_k(_take(logits, sel), top_k_list)
     else:
-        top_k = torch.tensor(top_k_list, dtype=torch.long, device=device)
-        top_p = torch.tensor(top_p_list, dtype=logits.dtype, device=device)
-        filtered = apply_top_k_top_p(_take(logits, sel), top_k, top_p)
+        filtered = _top_k_top_p_candidates(_take(logits, sel), top_k_list, top_p_list)
     return _put(logits, sel, filtered)
 
 
-def _noise(probs: torch.Tensor, plan: _BatchPlan) -> torch.Tensor:
-    """Exponential(1) noise, seeded rows drawn from their own generator (batch-independent)."""
-    q = torch.empty_like(probs).exponential_()
-    for pos, gen in plan.seeded:  # one draw per seeded request, of exactly V values each step
-        if gen.device.type == probs.device.type:
-            q[pos].exponential_(generator=gen)
-        else:  # e.g. a CPU generator with CUDA logits: draw where the generator lives
-            draw = torch.empty(probs.shape[1], dtype=probs.dtype, device=gen.device)
-            q[pos] = draw.exponential_(generator=gen).to(probs.device)
-    return q.clamp_min_(_MIN_NOISE)  # a zero would turn a masked 0/0 into a NaN argmax
+def _top_k_top_p_candidates(
+    logits: torch.Tensor, top_k: list[int], top_p: list[float]
+) -> torch.Tensor:
+    """apply_top_k_top_p, sorting only the top candidates of rows whose nucleus lies in them.
+
+    A full sort of a 49k vocabulary costs ~56 ms at batch 32 on this CPU; topk(512) ~4 ms.
+    """
+    vocab_size, device = logits.shape[1], logits.device
+    num_cand = min(vocab_size, max([_TOP_P_CANDIDATES] + [k for k in top_k if k < vocab_size]))
+    k_t = torch.tensor(top_k, dtype=torch.long, device=device)
+    p_t = torch.tensor(top_p, dtype=logits.dtype, device=device)
+    if num_cand == vocab_size:
+        return apply_top_k_top_p(logits, k_t, p_t)
+    vals, ids = logits.topk(num_cand, dim=-1)  # descending
+    vals.masked_fill_(torch.arange(num_cand, device=device)[None, :] >= k_t[:, None], -math.inf)
+    # top_k on: the distribution is renormalized over the kept candidates; off: the whole row's
+    norm = torch.where(k_t < vocab_size, vals.logsumexp(dim=-1), logits.logsumexp(dim=-1))
+    probs = (vals - norm[:, None]).exp()
+    mass_before = probs.cumsum(dim=-1) - probs
+    covered = mass_before[:, -1] + probs[:, -1] >= p_t
+    vals.masked_fill_(mass_before >= p_t[:, None], -math.inf)  # the top token always stays
+    out = torch.full_like(logits, -math.inf).scatter_(1, ids, vals)
+    if not bool(covered.all()):  # a flat row: its nucleus is wider than the candidates
+        rest = (~covered).nonzero().squeeze(1)
+        out[rest] = apply_top_k_top_p(logits[rest], k_t[rest], p_t[rest])
+    return out
+
+
+def _uniforms(num_rows: int, plan: _BatchPlan, device: torch.device) -> torch.Tensor:
+    """[N, 1] U(0, 1), seeded rows drawn from their own generator (batch-independent)."""
+    u = torch.rand(num_rows, 1, device=device)
+    for pos, gen in plan.seeded:  # exactly one draw per seeded request per step
+        u[pos] = torch.rand(1, generator=gen, device=gen.device).to(device)
+    return u
 
 
 def _sample(logits: torch.Tensor, plan: _BatchPlan) -> torch.Tensor:
@@ -218,8 +240,13 @@ def _sample(logits: torch.Tensor, plan: _BatchPlan) -> torch.Tensor:
     if plan.top_k_top_p:
         logits = _filter_top_k_top_p(logits, plan)
     probs = logits.softmax(dim=-1, dtype=torch.float32)
-    # Exponential race: argmax(p / E) is a draw from p, batched, with no multinomial sync.
-    return probs.div_(_noise(probs, plan)).argmax(dim=-1)
+    # Inverse CDF: one uniform per row instead of V random numbers (the exponential race drew
+    # 1.5M per step at batch 32 on a 49k vocabulary: 26 ms, against 1 ms for this).
+    cdf = probs.cumsum(dim=-1)
+    u = _uniforms(probs.shape[0], plan, probs.device) * cdf[:, -1:]
+    token_ids = torch.searchsorted(cdf, u, right=True).squeeze(1)
+    # u rounding up to the total would step past the last token with any mass
+    return torch.minimum(token_ids, cdf.argmax(dim=-1))
 
 
 def _select_tokens(logits: torch.Tensor, plan: _BatchPlan) -> torch.Tensor:
