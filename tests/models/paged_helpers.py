@@ -7,15 +7,12 @@ import transformers
 
 from surge.models.attention import allocate_kv_caches, build_attention_metadata
 from surge.models.registry import create_model
+from tests.tiny_models import TINY_DIMS
 
 VOCAB = 256
 BASE = dict(
     vocab_size=VOCAB,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
+    **TINY_DIMS,
     max_position_embeddings=256,
     pad_token_id=0,
     bos_token_id=1,

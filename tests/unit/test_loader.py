@@ -14,16 +14,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from surge.models import default_model
 from surge.models.loader import iter_weights, load_model_files, resolve_model_path
-from tests.tiny_models import make_tokenizer
+from tests.tiny_models import TINY_DIMS, make_tokenizer
 
-TINY = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=321,
-)
+TINY = dict(**TINY_DIMS, max_position_embeddings=321)
 
 
 def _tiny_model(model_type: str, vocab_size: int = 96, **overrides: object):
