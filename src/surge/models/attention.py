@@ -34,10 +34,6 @@ class AttentionMetadata:
     prefill_slots: list[torch.Tensor]  # [context_len] int64 slots of each sequence's context
     prefill_masks: list[torch.Tensor | None]  # [query_len, context_len] bool, None = plain causal
 
-    @property
-    def num_decode_tokens(self) -> int:
-        return self.num_decodes
-
 
 def build_attention_metadata(
     query_lens: list[int],

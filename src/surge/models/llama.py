@@ -217,10 +217,10 @@ class LlamaForCausalLM(nn.Module):
         """Pre-pack the linears for the CPU's matmul library (bf16 on CPU); call after loading."""
         if self.lm_head is None and can_pack(self.model.embed_tokens.weight):
             # tied: a packed copy for the logits; the embedding keeps its own table for lookups
-            self.lm_head = Linear(
-                self.model.embed_tokens.embedding_dim, self.vocab_size, bias=False
-            )
-            self.lm_head.weight = self.model.embed_tokens.weight
+            embed = self.model.embed_tokens
+            # on meta: its own weight is replaced at once, so never allocate or initialise one
+            self.lm_head = Linear(embed.embedding_dim, self.vocab_size, bias=False, device="meta")
+            self.lm_head.weight = embed.weight
         return pack_linears(self)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
