@@ -38,6 +38,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--no-chunked-prefill", action="store_true")
+    parser.add_argument(
+        "--no-cpu-kernels",
+        action="store_true",
+        help="run the pure-torch model path instead of the fused C++ CPU kernels",
+    )
     parser.add_argument("--threads", type=int, default=None)
 
 
@@ -55,6 +60,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_model_len=args.max_model_len,
         enable_prefix_caching=not args.no_prefix_caching,
         enable_chunked_prefill=not args.no_chunked_prefill,
+        cpu_kernels=not args.no_cpu_kernels,
         num_threads=args.threads,
     )
 

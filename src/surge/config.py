@@ -24,6 +24,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None = the model's own context length
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
+    cpu_kernels: bool = True  # fused C++ kernels on CPU (built on first use); False = pure torch
     num_threads: int | None = None  # torch intra-op threads; None = leave torch's default
     seed: int = 0
 

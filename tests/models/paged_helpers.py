@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import transformers
 
+from surge.kernels import load_cpu_kernels
 from surge.models.attention import allocate_kv_caches, build_attention_metadata
 from surge.models.registry import create_model
 from tests.tiny_models import TINY_DIMS
 
+BACKENDS = ["torch", "kernels"]
 VOCAB = 256
 BASE = dict(
     vocab_size=VOCAB,
@@ -65,15 +68,26 @@ def hf_config(case: str) -> transformers.PretrainedConfig:
 
 
 def load_pair(
-    case: str, dtype: torch.dtype = torch.float32, seed: int = 0
+    case: str, dtype: torch.dtype = torch.float32, seed: int = 0, backend: str = "torch"
 ) -> tuple[transformers.PreTrainedModel, torch.nn.Module]:
-    """(HF model, our model with the HF weights), both in eval mode."""
+    """(HF model, our model with the HF weights on the given backend), both in eval mode."""
     config = hf_config(case)
     torch.manual_seed(seed)
     hf = transformers.AutoModelForCausalLM.from_config(config).eval()
     ours = create_model(config, dtype, "cpu")
     ours.load_weights(hf.state_dict().items())
+    use_backend(ours, backend)
     return hf, ours
+
+
+def use_backend(model: torch.nn.Module, backend: str) -> None:
+    """Switch a model to the pure-torch path or the fused CPU kernels (skips if unbuildable)."""
+    kernels = None
+    if backend == "kernels":
+        kernels = load_cpu_kernels()
+        if kernels is None:
+            pytest.skip("no C++ compiler: CPU kernels not built")
+    assert model.use_cpu_kernels(kernels) == (backend == "kernels")
 
 
 def random_prompt(n: int, seed: int) -> list[int]:

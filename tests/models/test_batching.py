@@ -7,12 +7,13 @@ import torch
 
 from surge.models.registry import create_model
 
-from .paged_helpers import PagedRunner, load_pair, random_prompt
+from .paged_helpers import BACKENDS, PagedRunner, load_pair, random_prompt, use_backend
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", ["llama", "qwen3", "glm4"])
-def test_mixed_batch_matches_sequences_alone(case: str) -> None:
-    _, model = load_pair(case)
+def test_mixed_batch_matches_sequences_alone(case: str, backend: str) -> None:
+    _, model = load_pair(case, backend=backend)
     seqs = {i: random_prompt(n, seed=10 + i) for i, n in enumerate([10, 6, 13, 9])}
     runner = PagedRunner(model, block_size=4)
     # earlier steps: seqs 0 and 1 prefilled but their last token not yet run; seq 2's first chunk
@@ -24,9 +25,10 @@ def test_mixed_batch_matches_sequences_alone(case: str) -> None:
         torch.testing.assert_close(logits, alone[-len(logits) :], atol=1e-5, rtol=1e-5)
 
 
-def test_shared_prefix_blocks_filled_in_the_same_step() -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shared_prefix_blocks_filled_in_the_same_step(backend: str) -> None:
     # a prefix-cache hit on blocks another sequence writes in this very step
-    _, model = load_pair("llama")
+    _, model = load_pair("llama", backend=backend)
     prompt = random_prompt(12, seed=3)
     runner = PagedRunner(model, block_size=4)
     runner.tables[1] = runner.tables.setdefault(0, [runner.free.pop(), runner.free.pop()])[:]
@@ -35,11 +37,13 @@ def test_shared_prefix_blocks_filled_in_the_same_step() -> None:
     torch.testing.assert_close(second, first[8:], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", ["llama", "glm4"])
-def test_bfloat16_close_to_float32(case: str) -> None:
+def test_bfloat16_close_to_float32(case: str, backend: str) -> None:
     hf, fp32 = load_pair(case)
     bf16 = create_model(hf.config, torch.bfloat16, "cpu")
     bf16.load_weights(hf.state_dict().items())
+    use_backend(bf16, backend)
     prompt = random_prompt(20, seed=4)
     expected = PagedRunner(fp32).step([(0, prompt)])[0]
     got = PagedRunner(bf16).step([(0, prompt)])[0]

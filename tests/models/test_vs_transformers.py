@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from .paged_helpers import CASES, PagedRunner, load_pair, random_prompt
+from .paged_helpers import BACKENDS, CASES, PagedRunner, load_pair, random_prompt
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_prompt_logits_match_transformers(case: str) -> None:
-    hf, ours = load_pair(case)
+def test_prompt_logits_match_transformers(case: str, backend: str) -> None:
+    hf, ours = load_pair(case, backend=backend)
     prompt = random_prompt(23, seed=0)
     with torch.no_grad():
         expected = hf(torch.tensor([prompt])).logits[0]
@@ -18,9 +19,10 @@ def test_prompt_logits_match_transformers(case: str) -> None:
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_greedy_decode_matches_generate(case: str) -> None:
-    hf, ours = load_pair(case)
+def test_greedy_decode_matches_generate(case: str, backend: str) -> None:
+    hf, ours = load_pair(case, backend=backend)
     prompt, steps = random_prompt(7, seed=1), 40
     with torch.no_grad():
         expected = hf.generate(

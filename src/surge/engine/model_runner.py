@@ -12,6 +12,7 @@ from surge.config import EngineConfig, EngineLimits
 from surge.engine.request import Request
 from surge.engine.sampler import Sampler, SamplingRow
 from surge.engine.scheduler import SchedulerOutput
+from surge.kernels import load_cpu_kernels
 from surge.models.attention import allocate_kv_caches, build_attention_metadata
 from surge.models.loader import ModelFiles, iter_weights
 from surge.models.registry import create_model
@@ -68,6 +69,9 @@ class ModelRunner:
         self.model = create_model(files.hf_config, self.dtype, self.device)
         self.model.load_weights(iter_weights(files, self.dtype))
         num_packed = self.model.pack_weights()
+        self.uses_cpu_kernels = self.model.use_cpu_kernels(
+            load_cpu_kernels() if config.cpu_kernels and self.device.type == "cpu" else None
+        )
         self.model.eval()
         num_blocks = config.num_kv_blocks or self._blocks_for_memory(config.kv_cache_memory)
         self.kv_caches = allocate_kv_caches(
@@ -83,10 +87,11 @@ class ModelRunner:
         self.sampler = Sampler()
         self._generators: dict[str, torch.Generator] = {}
         logger.info(
-            "loaded %s (%s, %d linears pre-packed) in %.1fs: %d KV blocks of %d tokens (%d tokens, %.0f MiB), max_model_len %d",
+            "loaded %s (%s, %d linears pre-packed, CPU kernels %s) in %.1fs: %d KV blocks of %d tokens (%d tokens, %.0f MiB), max_model_len %d",
             files.path.name,
             self.dtype,
             num_packed,
+            "on" if self.uses_cpu_kernels else "off",
             time.monotonic() - start,
             num_blocks,
             config.block_size,
@@ -137,7 +142,12 @@ class ModelRunner:
                 sample_req_ids.append(req.req_id)
                 rows.append(self._sampling_row(req))
         meta = build_attention_metadata(
-            query_lens, context_lens, block_tables, self.config.block_size, self.device
+            query_lens,
+            context_lens,
+            block_tables,
+            self.config.block_size,
+            self.device,
+            decode_gather=not self.uses_cpu_kernels,
         )
         ids = torch.tensor(input_ids, dtype=torch.int64, device=self.device)
         pos = torch.tensor(positions, dtype=torch.int64, device=self.device)

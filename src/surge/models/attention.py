@@ -13,9 +13,13 @@ Layout contract (shared by the model runner, the models and the tests):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from surge.kernels import CpuKernels
 
 
 @dataclass(slots=True)
@@ -23,8 +27,12 @@ class AttentionMetadata:
     """Per-step attention inputs, built once by the runner and shared by all layers."""
 
     slot_mapping: torch.Tensor  # [num_tokens] int64: the KV slot each new token writes
+    block_size: int
     num_decodes: int  # the first num_decodes sequences (and tokens) are single-token decodes
-    # decodes: a padded gather of each sequence's whole context
+    # decodes, for the fused kernel: each sequence's blocks and length
+    decode_block_tables: torch.Tensor | None  # [num_decodes, max_blocks] int32 (padding -> 0)
+    decode_context_lens: torch.Tensor | None  # [num_decodes] int32
+    # decodes, for the torch path (built only when asked for): a padded gather of each context
     decode_slots: torch.Tensor | None  # [num_decodes, max_decode_len] int64 (padding -> slot 0)
     decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_decode_len] bool, True = attend
     # prefills (and chunks), one entry per sequence after the decodes
@@ -41,8 +49,11 @@ def build_attention_metadata(
     block_tables: list[list[int]],
     block_size: int,
     device: torch.device | str = "cpu",
+    decode_gather: bool = True,
 ) -> AttentionMetadata:
     """Build the step's metadata; decodes (query_len == 1) should come first.
+
+    decode_gather=False skips the padded slot gather that only the torch decode path reads.
 
     context_lens[i] counts the sequence's tokens after this step (already cached + new), so the
     new tokens sit at positions [context_len - query_len, context_len). Ordering decodes first is
@@ -56,8 +67,16 @@ def build_attention_metadata(
         if q > ctx:
             raise ValueError(f"query_len {q} exceeds context_len {ctx}")
         slot_mapping.extend(_slots(table, ctx - q, ctx, block_size))
-    decode_slots = decode_mask = None
+    decode_slots = decode_mask = decode_tables = decode_lens = None
     if num_decodes:
+        max_blocks = max(len(t) for t in block_tables[:num_decodes])
+        decode_tables = torch.tensor(
+            [t + [0] * (max_blocks - len(t)) for t in block_tables[:num_decodes]],
+            dtype=torch.int32,
+            device=device,
+        )
+        decode_lens = torch.tensor(context_lens[:num_decodes], dtype=torch.int32, device=device)
+    if num_decodes and decode_gather:
         max_len = max(context_lens[:num_decodes])
         rows = []
         for ctx, table in zip(context_lens[:num_decodes], block_tables[:num_decodes], strict=True):
@@ -88,7 +107,10 @@ def build_attention_metadata(
         p_masks.append(mask)
     return AttentionMetadata(
         slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=device),
+        block_size=block_size,
         num_decodes=num_decodes,
+        decode_block_tables=decode_tables,
+        decode_context_lens=decode_lens,
         decode_slots=decode_slots,
         decode_mask=decode_mask,
         prefill_query_starts=starts,
@@ -150,6 +172,8 @@ def paged_attention(
     out = torch.empty_like(q)
     nd = meta.num_decodes
     if nd:
+        if meta.decode_slots is None:
+            raise ValueError("metadata built with decode_gather=False: the torch path needs it")
         # [B, L, Hkv, D] -> [B, Hkv, L, D]
         keys = k_cache[meta.decode_slots].transpose(1, 2)
         values = v_cache[meta.decode_slots].transpose(1, 2)
@@ -165,7 +189,74 @@ def paged_attention(
             grouped, keys, values, attn_mask=meta.decode_mask, scale=scale
         )
         out[:nd] = o.reshape(nd, -1, head_dim)
-    # the only loop per layer: one SDPA per prefilling sequence
+    _prefill_attention(q, k, v, k_cache, v_cache, meta, scale, out)
+    return out
+
+
+def fused_paged_attention(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    num_heads: int,
+    scale: float,
+    interleaved: bool,
+    kernels: CpuKernels,
+) -> torch.Tensor:
+    """CPU kernel backend on the fused qkv rows [T, (H + 2 Hkv) * D] -> out [T, H * D].
+
+    Rotary and the cache write run in one kernel over every token, the decodes in one kernel
+    straight from the blocks (no gather); prefills keep the per-sequence SDPA of the torch path.
+    cos/sin: float32 [T, 1, rotary_dim // 2].
+    """
+    num_tokens = qkv.shape[0]
+    num_kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2]
+    kernels.rope_and_cache(
+        qkv, cos, sin, meta.slot_mapping, k_cache, v_cache, num_heads, interleaved
+    )
+    q, k, v = qkv.split(
+        [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], dim=-1
+    )
+    q = q.view(num_tokens, num_heads, head_dim)
+    out = torch.empty((num_tokens, num_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    nd = meta.num_decodes
+    if nd:
+        kernels.decode_attention(
+            out[:nd],
+            q[:nd],
+            k_cache,
+            v_cache,
+            meta.decode_block_tables,
+            meta.decode_context_lens,
+            meta.block_size,
+            scale,
+        )
+    _prefill_attention(
+        q,
+        k.view(num_tokens, num_kv_heads, head_dim),
+        v.view(num_tokens, num_kv_heads, head_dim),
+        k_cache,
+        v_cache,
+        meta,
+        scale,
+        out,
+    )
+    return out.view(num_tokens, -1)
+
+
+def _prefill_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    out: torch.Tensor,
+) -> None:
+    """One SDPA per prefilling sequence (the only loop per layer), written into out."""
     for start, qlen, slots, mask in zip(
         meta.prefill_query_starts,
         meta.prefill_query_lens,
@@ -188,4 +279,3 @@ def paged_attention(
             enable_gqa=True,
         )
         out[start:end] = o.transpose(0, 1)
-    return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -17,18 +18,38 @@ from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+if TYPE_CHECKING:
+    from surge.kernels import CpuKernels
+
 logger = logging.getLogger(__name__)
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in float32 and cast back, as transformers does."""
+    """RMSNorm computed in float32 and cast back, as transformers does.
+
+    Called with a residual, it first adds x into the residual stream and returns
+    (norm(residual + x), residual + x): one fused kernel on CPU, as vLLM's fused_add_rms_norm.
+    """
+
+    kernels: CpuKernels | None = None  # set by the model when the CPU kernels apply
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if self.kernels is not None and x.dim() == 2 and x.is_contiguous():
+            out = self.kernels.rms_norm(x, self.weight, self.eps, residual)  # residual in place
+            return out if residual is None else (out, residual)
+        if residual is not None:
+            residual = residual + x
+            return self._norm(residual), residual
+        return self._norm(x)
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -193,14 +214,20 @@ class QKVLinear(MergedLinear):
 class GatedMLP(nn.Module):
     """down(act(gate(x)) * up(x)) with gate and up fused into one matmul."""
 
+    kernels: CpuKernels | None = None  # set by the model when the CPU kernels apply
+
     def __init__(self, hidden: int, intermediate: int, act: str = "silu", bias: bool = False):
         super().__init__()
         self.gate_up_proj = MergedLinear(hidden, {"gate": intermediate, "up": intermediate}, bias)
         self.down_proj = Linear(intermediate, hidden, bias=bias)
-        self.act = F.silu if act == "silu" else ACT2FN[act]
+        self.is_silu = act == "silu"
+        self.act = F.silu if self.is_silu else ACT2FN[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.kernels is not None and self.is_silu and gate_up.dim() == 2:
+            return self.down_proj(self.kernels.silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act(gate) * up)
 
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
-from surge.models.attention import AttentionMetadata, paged_attention
+from surge.models.attention import AttentionMetadata, fused_paged_attention, paged_attention
 from surge.models.layers import (
     GatedMLP,
     Linear,
@@ -27,6 +28,9 @@ from surge.models.layers import (
     load_hf_weights,
     pack_linears,
 )
+
+if TYPE_CHECKING:
+    from surge.kernels import CpuKernels
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +59,8 @@ def head_dim_of(hf_config: PretrainedConfig) -> int:
 class Attention(nn.Module):
     """Fused-QKV attention over the paged KV cache."""
 
+    kernels: CpuKernels | None = None  # set by the model when the CPU kernels apply
+
     def __init__(self, hf_config: PretrainedConfig, opts: DecoderOptions) -> None:
         super().__init__()
         hidden = hf_config.hidden_size
@@ -82,7 +88,28 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.qkv_proj.split_sizes, dim=-1)
+        qkv = self.qkv_proj(x)
+        if self.kernels is not None:
+            if self.q_norm is not None:  # Qwen3: norm the heads before the kernel rotates them
+                q, k, _ = qkv.split(self.qkv_proj.split_sizes, dim=-1)
+                shape_q = (num_tokens, self.num_heads, self.head_dim)
+                shape_k = (num_tokens, self.num_kv_heads, self.head_dim)
+                q.copy_(self.q_norm(q.view(shape_q)).view_as(q))
+                k.copy_(self.k_norm(k.view(shape_k)).view_as(k))
+            out = fused_paged_attention(
+                qkv,
+                cos,
+                sin,
+                kv_cache[0],
+                kv_cache[1],
+                meta,
+                self.num_heads,
+                self.scale,
+                self.interleaved,
+                self.kernels,
+            )
+            return self.o_proj(out)
+        q, k, v = qkv.split(self.qkv_proj.split_sizes, dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -115,19 +142,28 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
+        residual: torch.Tensor | None,
         cos: torch.Tensor,
         sin: torch.Tensor,
         kv_cache: KVCache,
         meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        h = self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, residual): the residual stream so far and this block's output not yet added to it.
+
+        Deferring each add into the next norm lets one fused kernel do add + norm.
+        """
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(x, cos, sin, kv_cache, meta)
         if self.post_self_attn_layernorm is not None:
             h = self.post_self_attn_layernorm(h)
-        x = x + h
-        h = self.mlp(self.post_attention_layernorm(x))
+        x, residual = self.post_attention_layernorm(h, residual)
+        h = self.mlp(x)
         if self.post_mlp_layernorm is not None:
             h = self.post_mlp_layernorm(h)
-        return x + h
+        return h, residual
 
 
 class DecoderModel(nn.Module):
@@ -150,10 +186,13 @@ class DecoderModel(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
-        cos, sin = self.rotary_emb.cos_sin(positions, x.dtype)  # once per step, not per layer
+        # once per step, not per layer; the kernels rotate in float32
+        rope_dtype = torch.float32 if self.layers[0].self_attn.kernels is not None else x.dtype
+        cos, sin = self.rotary_emb.cos_sin(positions, rope_dtype)
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, cos, sin, kv_cache, meta)
-        return self.norm(x)
+            x, residual = layer(x, residual, cos, sin, kv_cache, meta)
+        return self.norm(x, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):
@@ -222,6 +261,17 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head = Linear(embed.embedding_dim, self.vocab_size, bias=False, device="meta")
             self.lm_head.weight = embed.weight
         return pack_linears(self)
+
+    def use_cpu_kernels(self, kernels: CpuKernels | None) -> bool:
+        """Route norms, rotary, attention and SiLU·mul through the fused CPU kernels if they fit."""
+        dtype = self.model.embed_tokens.weight.dtype
+        device = self.model.embed_tokens.weight.device
+        if kernels is None or device.type != "cpu" or not kernels.supports(dtype, self.head_dim):
+            kernels = None
+        for module in self.modules():
+            if isinstance(module, RMSNorm | GatedMLP | Attention):
+                module.kernels = kernels
+        return kernels is not None
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load HF-named tensors (cast to the model dtype); raises on unknown or missing names."""

@@ -1,0 +1,215 @@
+"""Fused CPU kernels, compiled from `cpu_kernels.cpp` on first use and called through ctypes.
+
+The source is plain C++ (no torch headers), so a build takes seconds; the shared library is
+cached under ~/.cache/surge/kernels, keyed by the source, the compiler and the CPU (it is built
+with -march=native). Where no C++ compiler works, `load_cpu_kernels` returns None and the models
+keep their pure-torch path. SURGE_CPU_KERNELS=0 turns the kernels off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+SUPPORTED_DTYPES = {torch.bfloat16: "bf16", torch.float32: "f32"}
+
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+_F = ctypes.c_float
+_SIGNATURES = {
+    "decode_attention": [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _F],
+    "rms_norm": [_P, _P, _P, _P, _I, _I, _F],
+    "rope_and_cache": [_P, _I, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, ctypes.c_int],
+    "silu_and_mul": [_P, _P, _I, _I],
+}
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class CpuKernels:
+    """Typed entry points of the compiled library; tensors must be contiguous CPU bf16/fp32."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self._fns: dict[tuple[str, str], ctypes._CFuncPtr] = {}
+        for name, argtypes in _SIGNATURES.items():
+            for suffix in SUPPORTED_DTYPES.values():
+                fn = getattr(lib, f"surge_{name}_{suffix}")
+                fn.argtypes = argtypes
+                fn.restype = None
+                self._fns[(name, suffix)] = fn
+
+    @staticmethod
+    def supports(dtype: torch.dtype, head_dim: int) -> bool:
+        """Whether a model of this dtype and head size can run on these kernels."""
+        return dtype in SUPPORTED_DTYPES and head_dim % 16 == 0 and head_dim <= 256
+
+    def _fn(self, name: str, dtype: torch.dtype) -> ctypes._CFuncPtr:
+        return self._fns[(name, SUPPORTED_DTYPES[dtype])]
+
+    def decode_attention(
+        self,
+        out: torch.Tensor,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        block_tables: torch.Tensor,
+        context_lens: torch.Tensor,
+        block_size: int,
+        scale: float,
+    ) -> None:
+        """out[s] = attention of q[s] over sequence s's blocks; q/out [S, H, D], rows may be strided.
+
+        block_tables: int32 [S, max_blocks]; context_lens: int32 [S]; caches [slots, Hkv, D].
+        """
+        num_seqs, num_heads, head_dim = q.shape
+        _, num_kv_heads, _ = k_cache.shape
+        self._fn("decode_attention", q.dtype)(
+            out.data_ptr(),
+            q.data_ptr(),
+            k_cache.data_ptr(),
+            v_cache.data_ptr(),
+            block_tables.data_ptr(),
+            context_lens.data_ptr(),
+            num_seqs,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            block_size,
+            block_tables.shape[1],
+            q.stride(0),
+            out.stride(0),
+            scale,
+        )
+
+    def rms_norm(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        eps: float,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """RMSNorm of x [N, dim]; with residual, residual += x in place and its norm is returned."""
+        out = torch.empty_like(x)
+        self._fn("rms_norm", x.dtype)(
+            out.data_ptr(),
+            _ptr(residual),
+            x.data_ptr(),
+            weight.data_ptr(),
+            x.shape[0],
+            x.shape[1],
+            eps,
+        )
+        return out
+
+    def rope_and_cache(
+        self,
+        qkv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        num_heads: int,
+        interleaved: bool,
+    ) -> None:
+        """Rotate q and k inside the fused qkv rows [T, (H + 2 Hkv) * D] in place, store k and v.
+
+        cos/sin: float32 [T, rotary_dim // 2]; slot_mapping: int64 [T].
+        """
+        _, num_kv_heads, head_dim = k_cache.shape
+        self._fn("rope_and_cache", qkv.dtype)(
+            qkv.data_ptr(),
+            qkv.stride(0),
+            cos.data_ptr(),
+            sin.data_ptr(),
+            slot_mapping.data_ptr(),
+            k_cache.data_ptr(),
+            v_cache.data_ptr(),
+            qkv.shape[0],
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            cos.shape[-1] * 2,
+            int(interleaved),
+        )
+
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up over rows of [gate | up] ([N, 2 * width] -> [N, width])."""
+        rows, width = gate_up.shape[0], gate_up.shape[1] // 2
+        out = torch.empty((rows, width), dtype=gate_up.dtype)
+        self._fn("silu_and_mul", gate_up.dtype)(out.data_ptr(), gate_up.data_ptr(), rows, width)
+        return out
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("SURGE_CACHE_DIR") or os.path.join(Path.home(), ".cache", "surge")
+    return Path(root) / "kernels"
+
+
+def _cpu_signature() -> str:
+    # -march=native: a library built on one CPU must not be reused on another
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor()
+
+
+def _build(compiler: str) -> Path:
+    source = SOURCE.read_bytes()
+    version = subprocess.run(
+        [compiler, "--version"], capture_output=True, text=True, check=True
+    ).stdout
+    key = hashlib.sha256(
+        source + " ".join(FLAGS).encode() + version.encode() + _cpu_signature().encode()
+    ).hexdigest()[:16]
+    target = _cache_dir() / f"cpu_kernels-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # build beside the target and rename: several processes may build at once
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so")
+    os.close(fd)
+    try:
+        subprocess.run(
+            [compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, check=True
+        )
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@functools.cache
+def load_cpu_kernels() -> CpuKernels | None:
+    """The compiled kernels, or None where they are turned off or cannot be built here."""
+    if os.environ.get("SURGE_CPU_KERNELS", "1") == "0":
+        return None
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        logger.warning("no C++ compiler found: fused CPU kernels off (pure torch path)")
+        return None
+    try:
+        return CpuKernels(ctypes.CDLL(str(_build(compiler))))
+    except (OSError, subprocess.CalledProcessError, AttributeError) as exc:
+        detail = getattr(exc, "stderr", "") or exc
+        logger.warning("fused CPU kernels failed to build, pure torch path: %s", detail)
+        return None

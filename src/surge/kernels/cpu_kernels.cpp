@@ -1,0 +1,497 @@
+// Fused CPU kernels for surge's model step: paged decode attention, RMSNorm (with the residual
+// add), rotary embedding with the KV-cache write, and SiLU-and-multiply.
+//
+// Plain C++ with no torch headers, so it builds in seconds on first use (surge/kernels/__init__.py)
+// and is called through ctypes on raw pointers. Loops are written for the compiler's
+// auto-vectorizer (-O3 -march=native): fixed 16-lane partial sums instead of serial reductions,
+// a branch-free exp. Every kernel computes each row (token or sequence) on its own, in a fixed
+// order, so a row's result never depends on what else is in the batch. Compute is float32; bf16
+// inputs are widened and outputs rounded to nearest even.
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+using bf16 = uint16_t;
+constexpr int kLanes = 16;
+
+inline float load(float x) { return x; }
+inline float load(bf16 x) {
+  uint32_t u = uint32_t(x) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+template <class T>
+inline T store(float f);
+template <>
+inline float store<float>(float f) {
+  return f;
+}
+template <>
+inline bf16 store<bf16>(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t nan = (u >> 16) | 0x40u;
+  return bf16(((u & 0x7fffffffu) > 0x7f800000u) ? nan : rounded);
+}
+
+// exp for softmax and SiLU: Cephes' range reduction and degree-6 polynomial, ~2 ulp; the
+// library expf would not vectorize.
+inline float fast_exp(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (int32_t(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return p * scale;
+}
+
+template <class T>
+inline void widen(float* dst, const T* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = load(src[i]);
+}
+
+// n must be a multiple of kLanes (checked by the Python side: head_dim % 16 == 0)
+inline float dot(const float* a, const float* b, int64_t n) {
+  float acc[kLanes] = {};
+  for (int64_t i = 0; i < n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) acc[j] += a[i + j] * b[i + j];
+  float s = 0.0f;
+  for (int j = 0; j < kLanes; ++j) s += acc[j];
+  return s;
+}
+
+// any n: lanes first, then the tail, always in the same order
+inline float sum_squares(const float* a, int64_t n) {
+  float acc[kLanes] = {};
+  const int64_t body = n - n % kLanes;
+  for (int64_t i = 0; i < body; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) acc[j] += a[i + j] * a[i + j];
+  float s = 0.0f;
+  for (int j = 0; j < kLanes; ++j) s += acc[j];
+  for (int64_t i = body; i < n; ++i) s += a[i] * a[i];
+  return s;
+}
+
+// The KV-cache slots of positions [0, len) of a sequence, block by block (no division per token).
+inline void fill_slots(int64_t* slots, const int32_t* table, int64_t len, int64_t block_size) {
+  for (int64_t b = 0, t = 0; t < len; ++b) {
+    const int64_t base = int64_t(table[b]) * block_size;
+    for (int64_t o = 0; o < block_size && t < len; ++o, ++t) slots[t] = base + o;
+  }
+}
+
+#if defined(__AVX512F__) && !defined(SURGE_GENERIC)
+#define SURGE_AVX512 1
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const bf16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// fast_exp on 16 lanes, same constants
+inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+  const __m512 n = _mm512_roundscale_ps(
+      _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+      _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  const __m512i bits =
+      _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+}
+
+// Softmax numerators in place over n scores; returns their sum. Masked tail, fixed order.
+inline float exp_and_sum(float* sc, int64_t n) {
+  __m512 mx = _mm512_set1_ps(-INFINITY);
+  for (int64_t t = 0; t < n; t += 16) {
+    const __mmask16 m = n - t >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - t)) - 1);
+    mx = _mm512_mask_max_ps(mx, m, mx, _mm512_maskz_loadu_ps(m, sc + t));
+  }
+  const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t t = 0; t < n; t += 16) {
+    const __mmask16 m = n - t >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - t)) - 1);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sc + t), top));
+    _mm512_mask_storeu_ps(sc + t, m, e);
+    total = _mm512_mask_add_ps(total, m, total, e);
+  }
+  return _mm512_reduce_add_ps(total);
+}
+
+// Scaled q.k scores [group, len] of one (sequence, kv head) task, widening K to float32.
+constexpr int kMaxVecs = 16;
+template <class T>
+void qk_scores_widened(float* scores, const float* qf, const T* k_cache, const int64_t* slots,
+                       int64_t len, int64_t group, int64_t head_dim, int64_t slot_stride) {
+  const int nv = int(head_dim / 16);
+  __m512 row[kMaxVecs];
+  for (int64_t t = 0; t < len; ++t) {
+    const T* k = k_cache + slots[t] * slot_stride;
+    for (int v = 0; v < nv; ++v) row[v] = load16(k + 16 * v);
+    for (int64_t g = 0; g < group; ++g) {
+      const float* qg = qf + g * head_dim;
+      __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qg), row[0]);
+      for (int v = 1; v < nv; ++v) a = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * v), row[v], a);
+      scores[g * len + t] = _mm512_reduce_add_ps(a);
+    }
+  }
+}
+
+template <class T>
+void qk_scores(float* scores, const T* /*q*/, const float* qf, const T* k_cache,
+               const int64_t* slots, int64_t len, int64_t group, int64_t head_dim,
+               int64_t slot_stride, float /*scale*/) {
+  qk_scores_widened<T>(scores, qf, k_cache, slots, len, group, head_dim, slot_stride);
+}
+
+#if defined(__AVX512BF16__)
+// bf16 with native dot products: pairs of bf16 products summed in float32 (exact products),
+// half the instructions and no widening; needs head_dim % 32 == 0.
+template <>
+void qk_scores<bf16>(float* scores, const bf16* q, const float* qf, const bf16* k_cache,
+                     const int64_t* slots, int64_t len, int64_t group, int64_t head_dim,
+                     int64_t slot_stride, float scale) {
+  if (head_dim % 32 != 0) {
+    qk_scores_widened<bf16>(scores, qf, k_cache, slots, len, group, head_dim, slot_stride);
+    return;
+  }
+  const int nb = int(head_dim / 32);
+  __m512bh row[kMaxVecs / 2];
+  for (int64_t t = 0; t < len; ++t) {
+    const bf16* k = k_cache + slots[t] * slot_stride;
+    for (int v = 0; v < nb; ++v) row[v] = (__m512bh)_mm512_loadu_si512(k + 32 * v);
+    for (int64_t g = 0; g < group; ++g) {
+      const bf16* qg = q + g * head_dim;
+      __m512 a = _mm512_setzero_ps();
+      for (int v = 0; v < nb; ++v)
+        a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(qg + 32 * v), row[v]);
+      scores[g * len + t] = _mm512_reduce_add_ps(a) * scale;
+    }
+  }
+}
+#endif
+
+// acc[G][NV * 16] = sum_t p[g][t] * V[t] with the accumulators in registers (G * NV <= 24).
+template <class T, int NV, int G>
+void pv_registers(float* acc, const float* p, int64_t len, const T* v_cache,
+                  const int64_t* slots, int64_t slot_stride) {
+  __m512 a[G][NV];
+  for (int g = 0; g < G; ++g)
+    for (int v = 0; v < NV; ++v) a[g][v] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < len; ++t) {
+    const T* vr = v_cache + slots[t] * slot_stride;
+    __m512 row[NV];
+    for (int v = 0; v < NV; ++v) row[v] = load16(vr + 16 * v);
+    for (int g = 0; g < G; ++g) {
+      const __m512 w = _mm512_set1_ps(p[g * len + t]);
+      for (int v = 0; v < NV; ++v) a[g][v] = _mm512_fmadd_ps(w, row[v], a[g][v]);
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(acc + (g * NV + v) * 16, a[g][v]);
+}
+
+// Query heads in chunks of up to 24 / NV, each chunk one pass over V with register accumulators.
+template <class T, int NV>
+void pv_chunked(float* acc, const float* p, int64_t len, int64_t group, const T* v_cache,
+                const int64_t* slots, int64_t slot_stride) {
+  constexpr int kChunk = 24 / NV;  // at most 6: the cases below
+  for (int64_t g0 = 0; g0 < group; g0 += kChunk) {
+    float* a = acc + g0 * NV * 16;
+    const float* pg = p + g0 * len;
+    switch (std::min<int64_t>(kChunk, group - g0)) {
+#define SURGE_PV_CASE(N)                                                   \
+  case N:                                                                  \
+    pv_registers<T, NV, N>(a, pg, len, v_cache, slots, slot_stride);       \
+    break;
+      SURGE_PV_CASE(1)
+      SURGE_PV_CASE(2)
+      SURGE_PV_CASE(3)
+      SURGE_PV_CASE(4)
+      SURGE_PV_CASE(5)
+      SURGE_PV_CASE(6)
+#undef SURGE_PV_CASE
+    }
+  }
+}
+
+// Any head_dim (multiple of 16): accumulators in memory.
+template <class T>
+void pv_memory(float* acc, const float* p, int64_t len, int64_t group, int64_t head_dim,
+               const T* v_cache, const int64_t* slots, int64_t slot_stride) {
+  const int nv = int(head_dim / 16);
+  __m512 row[kMaxVecs];
+  std::fill(acc, acc + group * head_dim, 0.0f);
+  for (int64_t t = 0; t < len; ++t) {
+    const T* vr = v_cache + slots[t] * slot_stride;
+    for (int v = 0; v < nv; ++v) row[v] = load16(vr + 16 * v);
+    for (int64_t g = 0; g < group; ++g) {
+      const __m512 w = _mm512_set1_ps(p[g * len + t]);
+      float* a = acc + g * head_dim;
+      for (int v = 0; v < nv; ++v)
+        _mm512_storeu_ps(a + 16 * v, _mm512_fmadd_ps(w, row[v], _mm512_loadu_ps(a + 16 * v)));
+    }
+  }
+}
+
+// One (sequence, kv head) task; head_dim is a multiple of 16 and at most kMaxVecs * 16.
+template <class T>
+void decode_task(T* out, const T* q, const float* qf, const T* k_cache, const T* v_cache,
+                 const int64_t* slots, int64_t len, int64_t group, int64_t head_dim,
+                 int64_t slot_stride, float scale, float* scores, float* acc, float* inv) {
+  qk_scores<T>(scores, q, qf, k_cache, slots, len, group, head_dim, slot_stride, scale);
+  for (int64_t g = 0; g < group; ++g) inv[g] = 1.0f / exp_and_sum(scores + g * len, len);
+  if (head_dim == 64) {
+    pv_chunked<T, 4>(acc, scores, len, group, v_cache, slots, slot_stride);
+  } else if (head_dim == 128) {
+    pv_chunked<T, 8>(acc, scores, len, group, v_cache, slots, slot_stride);
+  } else {
+    pv_memory<T>(acc, scores, len, group, head_dim, v_cache, slots, slot_stride);
+  }
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t d = 0; d < head_dim; ++d)
+      out[g * head_dim + d] = store<T>(acc[g * head_dim + d] * inv[g]);
+}
+#else
+// Portable version of the same task, for CPUs without AVX-512.
+template <class T>
+void decode_task(T* out, const T* /*q*/, const float* qf, const T* k_cache, const T* v_cache,
+                 const int64_t* slots, int64_t len, int64_t group, int64_t head_dim,
+                 int64_t slot_stride, float /*scale*/, float* scores, float* acc, float* inv) {
+  std::vector<float> row(head_dim);
+  for (int64_t t = 0; t < len; ++t) {
+    widen(row.data(), k_cache + slots[t] * slot_stride, head_dim);
+    for (int64_t g = 0; g < group; ++g)
+      scores[g * len + t] = dot(qf + g * head_dim, row.data(), head_dim);
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    float* sc = scores + g * len;
+    float m = sc[0];
+    for (int64_t t = 1; t < len; ++t) m = std::max(m, sc[t]);
+    float total = 0.0f;
+    for (int64_t t = 0; t < len; ++t) {
+      sc[t] = fast_exp(sc[t] - m);
+      total += sc[t];
+    }
+    inv[g] = 1.0f / total;
+  }
+  std::fill(acc, acc + group * head_dim, 0.0f);
+  for (int64_t t = 0; t < len; ++t) {
+    widen(row.data(), v_cache + slots[t] * slot_stride, head_dim);
+    for (int64_t g = 0; g < group; ++g) {
+      const float p = scores[g * len + t];
+      float* a = acc + g * head_dim;
+      for (int64_t d = 0; d < head_dim; ++d) a[d] += p * row[d];
+    }
+  }
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t d = 0; d < head_dim; ++d)
+      out[g * head_dim + d] = store<T>(acc[g * head_dim + d] * inv[g]);
+}
+#endif
+
+// One decode query per sequence against its paged context. Tasks are (sequence, kv head): the
+// group of query heads sharing a kv head reads each K/V row once.
+template <class T>
+void decode_attention(T* out, const T* q, const T* k_cache, const T* v_cache,
+                      const int32_t* block_tables, const int32_t* context_lens, int64_t num_seqs,
+                      int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                      int64_t block_size, int64_t max_blocks, int64_t q_stride,
+                      int64_t out_stride, float scale) {
+  const int64_t group = num_heads / num_kv_heads;
+#pragma omp parallel
+  {
+    std::vector<float> qf(group * head_dim), acc(group * head_dim), inv(group), scores;
+    std::vector<int64_t> slots;
+#pragma omp for schedule(dynamic, 1) collapse(2)
+    for (int64_t s = 0; s < num_seqs; ++s) {
+      for (int64_t h = 0; h < num_kv_heads; ++h) {
+        const int64_t len = context_lens[s];
+        scores.resize(group * len);
+        slots.resize(len);
+        fill_slots(slots.data(), block_tables + s * max_blocks, len, block_size);
+        const T* src = q + s * q_stride + h * group * head_dim;
+        for (int64_t i = 0; i < group * head_dim; ++i) qf[i] = load(src[i]) * scale;
+        decode_task<T>(out + s * out_stride + h * group * head_dim, src, qf.data(),
+                       k_cache + h * head_dim, v_cache + h * head_dim, slots.data(), len, group,
+                       head_dim, num_kv_heads * head_dim, scale, scores.data(), acc.data(),
+                       inv.data());
+      }
+    }
+  }
+}
+
+// out = weight * round(x * rsqrt(mean(x^2) + eps)), as transformers computes it. With a
+// residual: residual = round(residual + x) first, and the norm is taken of the new residual.
+template <class T>
+void rms_norm(T* out, T* residual, const T* x, const T* weight, int64_t rows, int64_t dim,
+              float eps) {
+#pragma omp parallel if (rows > 8)
+  {
+    std::vector<float> buf(dim);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* src = x + r * dim;
+      if (residual != nullptr) {
+        T* res = residual + r * dim;
+        for (int64_t i = 0; i < dim; ++i) {
+          res[i] = store<T>(load(res[i]) + load(src[i]));
+          buf[i] = load(res[i]);
+        }
+      } else {
+        widen(buf.data(), src, dim);
+      }
+      const float inv = 1.0f / std::sqrt(sum_squares(buf.data(), dim) / float(dim) + eps);
+      T* dst = out + r * dim;
+      for (int64_t i = 0; i < dim; ++i)
+        dst[i] = store<T>(load(weight[i]) * load(store<T>(buf[i] * inv)));
+    }
+  }
+}
+
+// Rotates q and k in place in the fused qkv rows ([q heads | k heads | v heads] per token), then
+// writes each token's k and v into its KV-cache slot. cos/sin: float32 [tokens, rotary_dim / 2].
+template <class T>
+void rope_and_cache(T* qkv, int64_t qkv_stride, const float* cos, const float* sin,
+                    const int64_t* slot_mapping, T* k_cache, T* v_cache, int64_t tokens,
+                    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t rotary_dim,
+                    int interleaved) {
+  const int64_t half = rotary_dim / 2;
+  const int64_t kv_width = num_kv_heads * head_dim;
+#pragma omp parallel for schedule(static) if (tokens > 8)
+  for (int64_t t = 0; t < tokens; ++t) {
+    T* row = qkv + t * qkv_stride;
+    const float* c = cos + t * half;
+    const float* s = sin + t * half;
+    for (int64_t h = 0; h < num_heads + num_kv_heads; ++h) {
+      T* x = row + h * head_dim;
+      if (interleaved) {
+        for (int64_t i = 0; i < half; ++i) {
+          const float x1 = load(x[2 * i]), x2 = load(x[2 * i + 1]);
+          x[2 * i] = store<T>(x1 * c[i] - x2 * s[i]);
+          x[2 * i + 1] = store<T>(x2 * c[i] + x1 * s[i]);
+        }
+      } else {
+        for (int64_t i = 0; i < half; ++i) {
+          const float x1 = load(x[i]), x2 = load(x[i + half]);
+          x[i] = store<T>(x1 * c[i] - x2 * s[i]);
+          x[i + half] = store<T>(x2 * c[i] + x1 * s[i]);
+        }
+      }
+    }
+    const int64_t slot = slot_mapping[t];
+    std::memcpy(k_cache + slot * kv_width, row + num_heads * head_dim, kv_width * sizeof(T));
+    std::memcpy(v_cache + slot * kv_width, row + (num_heads + num_kv_heads) * head_dim,
+                kv_width * sizeof(T));
+  }
+}
+
+#if SURGE_AVX512
+// x rounded to T's precision (nearest even), still as float32 lanes
+template <class T>
+inline __m512 round16(__m512 x);
+template <>
+inline __m512 round16<float>(__m512 x) {
+  return x;
+}
+template <>
+inline __m512 round16<bf16>(__m512 x) {
+  const __m512i b = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(int(0xffff0000u))));
+}
+inline void store16(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
+inline void store16(bf16* p, __m512 x) {
+  const __m512i top = _mm512_srli_epi32(_mm512_castps_si512(round16<bf16>(x)), 16);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(top));
+}
+#endif
+
+// out = round(round(silu(gate)) * up) over rows of [gate | up], as torch computes it.
+template <class T>
+void silu_and_mul(T* out, const T* gate_up, int64_t rows, int64_t width) {
+#pragma omp parallel for schedule(static) if (rows > 1)
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* g = gate_up + r * 2 * width;
+    const T* u = g + width;
+    T* dst = out + r * width;
+    int64_t i = 0;
+#if SURGE_AVX512
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (; i + 16 <= width; i += 16) {
+      const __m512 x = load16(g + i);
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), x));
+      const __m512 act = round16<T>(_mm512_div_ps(x, _mm512_add_ps(one, e)));
+      store16(dst + i, _mm512_mul_ps(act, load16(u + i)));
+    }
+#endif
+    for (; i < width; ++i) {
+      const float x = load(g[i]);
+      const float act = load(store<T>(x / (1.0f + fast_exp(-x))));
+      dst[i] = store<T>(act * load(u[i]));
+    }
+  }
+}
+
+}  // namespace
+
+#define SURGE_EXPORT_ALL(SUFFIX, T)                                                              \
+  extern "C" void surge_decode_attention_##SUFFIX(                                               \
+      void* out, const void* q, const void* k_cache, const void* v_cache,                        \
+      const int32_t* block_tables, const int32_t* context_lens, int64_t num_seqs,                \
+      int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,             \
+      int64_t max_blocks, int64_t q_stride, int64_t out_stride, float scale) {                   \
+    decode_attention<T>(static_cast<T*>(out), static_cast<const T*>(q),                          \
+                        static_cast<const T*>(k_cache), static_cast<const T*>(v_cache),          \
+                        block_tables, context_lens, num_seqs, num_heads, num_kv_heads, head_dim, \
+                        block_size, max_blocks, q_stride, out_stride, scale);                    \
+  }                                                                                              \
+  extern "C" void surge_rms_norm_##SUFFIX(void* out, void* residual, const void* x,              \
+                                          const void* weight, int64_t rows, int64_t dim,         \
+                                          float eps) {                                           \
+    rms_norm<T>(static_cast<T*>(out), static_cast<T*>(residual), static_cast<const T*>(x),       \
+                static_cast<const T*>(weight), rows, dim, eps);                                  \
+  }                                                                                              \
+  extern "C" void surge_rope_and_cache_##SUFFIX(                                                 \
+      void* qkv, int64_t qkv_stride, const float* cos, const float* sin,                         \
+      const int64_t* slot_mapping, void* k_cache, void* v_cache, int64_t tokens,                 \
+      int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t rotary_dim,             \
+      int interleaved) {                                                                         \
+    rope_and_cache<T>(static_cast<T*>(qkv), qkv_stride, cos, sin, slot_mapping,                  \
+                      static_cast<T*>(k_cache), static_cast<T*>(v_cache), tokens, num_heads,     \
+                      num_kv_heads, head_dim, rotary_dim, interleaved);                          \
+  }                                                                                              \
+  extern "C" void surge_silu_and_mul_##SUFFIX(void* out, const void* gate_up, int64_t rows,      \
+                                              int64_t width) {                                   \
+    silu_and_mul<T>(static_cast<T*>(out), static_cast<const T*>(gate_up), rows, width);          \
+  }
+
+SURGE_EXPORT_ALL(bf16, bf16)
+SURGE_EXPORT_ALL(f32, float)

@@ -1,0 +1,165 @@
+"""The fused CPU kernels against plain torch references, and their batch invariance."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from surge.kernels import load_cpu_kernels
+from surge.models.layers import RMSNorm, apply_rotary
+
+kernels = load_cpu_kernels()
+pytestmark = pytest.mark.skipif(kernels is None, reason="no C++ compiler: kernels not built")
+
+DTYPES = [torch.float32, torch.bfloat16]
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+
+
+def _paged_case(
+    lens: list[int], heads: int, kv_heads: int, head_dim: int, block_size: int, dtype, seed=0
+):
+    """Random caches holding len tokens per sequence in shuffled blocks; q [S, H, D]."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks_per_seq = [-(-n // block_size) for n in lens]
+    num_blocks = sum(blocks_per_seq) + 3
+    order = torch.randperm(num_blocks, generator=gen).tolist()
+    tables, pos = [], 0
+    for nb in blocks_per_seq:
+        tables.append(order[pos : pos + nb])
+        pos += nb
+    max_blocks = max(blocks_per_seq)
+    table_t = torch.zeros(len(lens), max_blocks, dtype=torch.int32)
+    for i, t in enumerate(tables):
+        table_t[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+    shape = (num_blocks * block_size, kv_heads, head_dim)
+    k_cache = torch.randn(shape, generator=gen).to(dtype)
+    v_cache = torch.randn(shape, generator=gen).to(dtype)
+    q = torch.randn(len(lens), heads, head_dim, generator=gen).to(dtype)
+    return q, k_cache, v_cache, tables, table_t, torch.tensor(lens, dtype=torch.int32)
+
+
+def _reference_attention(q, k_cache, v_cache, tables, lens, block_size, scale):
+    outs = []
+    for i, n in enumerate(lens.tolist()):
+        slots = torch.tensor(
+            [tables[i][p // block_size] * block_size + p % block_size for p in range(n)]
+        )
+        k = k_cache[slots].float().transpose(0, 1)  # [Hkv, n, D]
+        v = v_cache[slots].float().transpose(0, 1)
+        o = F.scaled_dot_product_attention(
+            q[i].float()[:, None], k, v, scale=scale, enable_gqa=True
+        )
+        outs.append(o[:, 0])
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 32), (8, 2, 128)])
+def test_decode_attention_matches_reference(dtype, heads, kv_heads, head_dim):
+    lens, block_size = [1, 5, 16, 17, 70, 200], 16
+    q, kc, vc, tables, table_t, lens_t = _paged_case(
+        lens, heads, kv_heads, head_dim, block_size, dtype
+    )
+    out = torch.empty_like(q)
+    scale = head_dim**-0.5
+    kernels.decode_attention(out, q, kc, vc, table_t, lens_t, block_size, scale)
+    ref = _reference_attention(q, kc, vc, tables, lens_t, block_size, scale)
+    torch.testing.assert_close(out.float(), ref, **TOL[dtype])
+
+
+def test_decode_attention_reads_strided_rows():
+    """q may be the head slice of the fused qkv rows, not a contiguous tensor."""
+    lens, block_size = [3, 40], 8
+    q, kc, vc, tables, table_t, lens_t = _paged_case(lens, 4, 2, 32, block_size, torch.float32)
+    qkv = torch.cat([q.flatten(1), torch.randn(2, 2 * 2 * 32)], dim=1)
+    q_view = qkv[:, : 4 * 32].view(2, 4, 32)
+    out = torch.empty_like(q)
+    kernels.decode_attention(out, q_view, kc, vc, table_t, lens_t, block_size, 0.2)
+    ref = _reference_attention(q, kc, vc, tables, lens_t, block_size, 0.2)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_attention_is_batch_invariant():
+    """A sequence's output is bit-identical alone and among others (bf16)."""
+    lens, block_size = [37, 5, 130, 64], 16
+    q, kc, vc, tables, table_t, lens_t = _paged_case(lens, 9, 3, 64, block_size, torch.bfloat16)
+    together = torch.empty_like(q)
+    kernels.decode_attention(together, q, kc, vc, table_t, lens_t, block_size, 0.125)
+    for i in range(len(lens)):
+        alone = torch.empty_like(q[i : i + 1])
+        kernels.decode_attention(
+            alone, q[i : i + 1], kc, vc, table_t[i : i + 1], lens_t[i : i + 1], block_size, 0.125
+        )
+        assert torch.equal(alone[0], together[i])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim", [64, 576, 100])
+def test_rms_norm_matches_module(dtype, dim):
+    gen = torch.Generator().manual_seed(1)
+    norm = RMSNorm(dim, eps=1e-5).to(dtype)
+    norm.weight.data = torch.randn(dim, generator=gen).to(dtype)
+    x = torch.randn(13, dim, generator=gen).to(dtype)
+    out = kernels.rms_norm(x, norm.weight, norm.eps)
+    torch.testing.assert_close(out, norm(x), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_adds_the_residual_in_place(dtype):
+    gen = torch.Generator().manual_seed(2)
+    norm = RMSNorm(96).to(dtype)
+    residual = torch.randn(20, 96, generator=gen).to(dtype)
+    h = torch.randn(20, 96, generator=gen).to(dtype)
+    expected_residual = residual + h
+    out = kernels.rms_norm(h, norm.weight, norm.eps, residual=residual)
+    assert torch.equal(residual, expected_residual)
+    torch.testing.assert_close(out, norm(expected_residual), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("interleaved,rotary_dim", [(False, 64), (True, 64), (True, 32)])
+def test_rope_and_cache_matches_reference(dtype, interleaved, rotary_dim):
+    gen = torch.Generator().manual_seed(3)
+    tokens, heads, kv_heads, head_dim = 7, 4, 2, 64
+    width = (heads + 2 * kv_heads) * head_dim
+    qkv = torch.randn(tokens, width, generator=gen).to(dtype)
+    positions = torch.tensor([0, 1, 2, 9, 30, 31, 500])
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim))
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    cos, sin = freqs.cos(), freqs.sin()
+    k_cache = torch.zeros(64, kv_heads, head_dim, dtype=dtype)
+    v_cache = torch.zeros_like(k_cache)
+    slots = torch.tensor([5, 6, 7, 40, 41, 0, 63])
+
+    q_ref, k_ref, v_ref = qkv.float().split(
+        [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1
+    )
+    q_ref = apply_rotary(
+        q_ref.reshape(tokens, heads, head_dim), cos[:, None], sin[:, None], interleaved
+    )
+    k_ref = apply_rotary(
+        k_ref.reshape(tokens, kv_heads, head_dim), cos[:, None], sin[:, None], interleaved
+    )
+    kernels.rope_and_cache(qkv, cos, sin, slots, k_cache, v_cache, heads, interleaved)
+    tol = TOL[dtype]
+    torch.testing.assert_close(qkv[:, : heads * head_dim].float(), q_ref.flatten(1), **tol)
+    torch.testing.assert_close(k_cache[slots].float(), k_ref, **tol)
+    torch.testing.assert_close(
+        v_cache[slots].float(), v_ref.view(tokens, kv_heads, head_dim), **tol
+    )
+    assert k_cache[1:5].abs().sum() == 0  # untouched slots stay untouched
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul_matches_torch(dtype):
+    gen = torch.Generator().manual_seed(4)
+    gate_up = (torch.randn(9, 2 * 48, generator=gen) * 6).to(dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(kernels.silu_and_mul(gate_up), F.silu(gate) * up, **TOL[dtype])
+
+
+def test_unsupported_shapes_are_refused():
+    assert kernels.supports(torch.bfloat16, 64)
+    assert not kernels.supports(torch.float16, 64)
+    assert not kernels.supports(torch.float32, 40)
