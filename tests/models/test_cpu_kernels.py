@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import ctypes
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from surge.kernels import load_cpu_kernels
+from surge.kernels import CpuKernels, build_library, find_compiler, load_cpu_kernels
 from surge.models.layers import RMSNorm, apply_rotary
 
-kernels = load_cpu_kernels()
-pytestmark = pytest.mark.skipif(kernels is None, reason="no C++ compiler: kernels not built")
+pytestmark = pytest.mark.skipif(
+    load_cpu_kernels() is None, reason="no C++ compiler: kernels not built"
+)
+
+
+@pytest.fixture(scope="module", params=["native", "generic"])
+def kernels(request) -> CpuKernels:
+    """The library as the engine loads it, and its portable build (no AVX-512 intrinsics)."""
+    if request.param == "native":
+        return load_cpu_kernels()
+    return CpuKernels(ctypes.CDLL(str(build_library(find_compiler(), ("-DSURGE_GENERIC",)))))
+
 
 DTYPES = [torch.float32, torch.bfloat16]
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
@@ -56,7 +68,7 @@ def _reference_attention(q, k_cache, v_cache, tables, lens, block_size, scale):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 32), (8, 2, 128)])
-def test_decode_attention_matches_reference(dtype, heads, kv_heads, head_dim):
+def test_decode_attention_matches_reference(kernels, dtype, heads, kv_heads, head_dim):
     lens, block_size = [1, 5, 16, 17, 70, 200], 16
     q, kc, vc, tables, table_t, lens_t = _paged_case(
         lens, heads, kv_heads, head_dim, block_size, dtype
@@ -68,7 +80,7 @@ def test_decode_attention_matches_reference(dtype, heads, kv_heads, head_dim):
     torch.testing.assert_close(out.float(), ref, **TOL[dtype])
 
 
-def test_decode_attention_reads_strided_rows():
+def test_decode_attention_reads_strided_rows(kernels):
     """q may be the head slice of the fused qkv rows, not a contiguous tensor."""
     lens, block_size = [3, 40], 8
     q, kc, vc, tables, table_t, lens_t = _paged_case(lens, 4, 2, 32, block_size, torch.float32)
@@ -80,7 +92,7 @@ def test_decode_attention_reads_strided_rows():
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_decode_attention_is_batch_invariant():
+def test_decode_attention_is_batch_invariant(kernels):
     """A sequence's output is bit-identical alone and among others (bf16)."""
     lens, block_size = [37, 5, 130, 64], 16
     q, kc, vc, tables, table_t, lens_t = _paged_case(lens, 9, 3, 64, block_size, torch.bfloat16)
@@ -96,7 +108,7 @@ def test_decode_attention_is_batch_invariant():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("dim", [64, 576, 100])
-def test_rms_norm_matches_module(dtype, dim):
+def test_rms_norm_matches_module(kernels, dtype, dim):
     gen = torch.Generator().manual_seed(1)
     norm = RMSNorm(dim, eps=1e-5).to(dtype)
     norm.weight.data = torch.randn(dim, generator=gen).to(dtype)
@@ -106,7 +118,7 @@ def test_rms_norm_matches_module(dtype, dim):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rms_norm_adds_the_residual_in_place(dtype):
+def test_rms_norm_adds_the_residual_in_place(kernels, dtype):
     gen = torch.Generator().manual_seed(2)
     norm = RMSNorm(96).to(dtype)
     residual = torch.randn(20, 96, generator=gen).to(dtype)
@@ -119,7 +131,7 @@ def test_rms_norm_adds_the_residual_in_place(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("interleaved,rotary_dim", [(False, 64), (True, 64), (True, 32)])
-def test_rope_and_cache_matches_reference(dtype, interleaved, rotary_dim):
+def test_rope_and_cache_matches_reference(kernels, dtype, interleaved, rotary_dim):
     gen = torch.Generator().manual_seed(3)
     tokens, heads, kv_heads, head_dim = 7, 4, 2, 64
     width = (heads + 2 * kv_heads) * head_dim
@@ -152,14 +164,14 @@ def test_rope_and_cache_matches_reference(dtype, interleaved, rotary_dim):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_silu_and_mul_matches_torch(dtype):
+def test_silu_and_mul_matches_torch(kernels, dtype):
     gen = torch.Generator().manual_seed(4)
     gate_up = (torch.randn(9, 2 * 48, generator=gen) * 6).to(dtype)
     gate, up = gate_up.chunk(2, dim=-1)
     torch.testing.assert_close(kernels.silu_and_mul(gate_up), F.silu(gate) * up, **TOL[dtype])
 
 
-def test_unsupported_shapes_are_refused():
+def test_unsupported_shapes_are_refused(kernels):
     assert kernels.supports(torch.bfloat16, 64)
     assert not kernels.supports(torch.float16, 64)
     assert not kernels.supports(torch.float32, 40)

@@ -172,13 +172,15 @@ def _cpu_signature() -> str:
         return platform.processor()
 
 
-def _build(compiler: str) -> Path:
+def build_library(compiler: str, extra_flags: tuple[str, ...] = ()) -> Path:
+    """Compile the kernels (cached); extra_flags=("-DSURGE_GENERIC",) builds the portable path."""
+    flags = (*FLAGS, *extra_flags)
     source = SOURCE.read_bytes()
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, text=True, check=True
     ).stdout
     key = hashlib.sha256(
-        source + " ".join(FLAGS).encode() + version.encode() + _cpu_signature().encode()
+        source + " ".join(flags).encode() + version.encode() + _cpu_signature().encode()
     ).hexdigest()[:16]
     target = _cache_dir() / f"cpu_kernels-{key}.so"
     if target.exists():
@@ -189,7 +191,7 @@ def _build(compiler: str) -> Path:
     os.close(fd)
     try:
         subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, check=True
+            [compiler, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, check=True
         )
         os.replace(tmp, target)
     finally:
@@ -198,17 +200,22 @@ def _build(compiler: str) -> Path:
     return target
 
 
+def find_compiler() -> str | None:
+    """$CXX, else g++ or c++ on the PATH."""
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
 @functools.cache
 def load_cpu_kernels() -> CpuKernels | None:
     """The compiled kernels, or None where they are turned off or cannot be built here."""
     if os.environ.get("SURGE_CPU_KERNELS", "1") == "0":
         return None
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    compiler = find_compiler()
     if compiler is None:
         logger.warning("no C++ compiler found: fused CPU kernels off (pure torch path)")
         return None
     try:
-        return CpuKernels(ctypes.CDLL(str(_build(compiler))))
+        return CpuKernels(ctypes.CDLL(str(build_library(compiler))))
     except (OSError, subprocess.CalledProcessError, AttributeError) as exc:
         detail = getattr(exc, "stderr", "") or exc
         logger.warning("fused CPU kernels failed to build, pure torch path: %s", detail)

@@ -7,8 +7,10 @@
 // a branch-free exp. Every kernel computes each row (token or sequence) on its own, in a fixed
 // order, so a row's result never depends on what else is in the batch. Compute is float32; bf16
 // inputs are widened and outputs rounded to nearest even.
-#include <immintrin.h>
 #include <omp.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -20,6 +22,11 @@ namespace {
 
 using bf16 = uint16_t;
 constexpr int kLanes = 16;
+
+// Below this many elements a kernel runs on the calling thread. Each parallel region waits for
+// every OpenMP thread; when the server's other processes hold a core, that wait costs far more
+// than the few microseconds a second thread would save on a small row count.
+constexpr int64_t kParallelWork = int64_t(1) << 17;
 
 inline float load(float x) { return x; }
 inline float load(bf16 x) {
@@ -325,7 +332,9 @@ void decode_attention(T* out, const T* q, const T* k_cache, const T* v_cache,
                       int64_t block_size, int64_t max_blocks, int64_t q_stride,
                       int64_t out_stride, float scale) {
   const int64_t group = num_heads / num_kv_heads;
-#pragma omp parallel
+  int64_t work = 0;
+  for (int64_t s = 0; s < num_seqs; ++s) work += int64_t(context_lens[s]) * num_kv_heads * head_dim;
+#pragma omp parallel if (work >= kParallelWork)
   {
     std::vector<float> qf(group * head_dim), acc(group * head_dim), inv(group), scores;
     std::vector<int64_t> slots;
@@ -352,7 +361,7 @@ void decode_attention(T* out, const T* q, const T* k_cache, const T* v_cache,
 template <class T>
 void rms_norm(T* out, T* residual, const T* x, const T* weight, int64_t rows, int64_t dim,
               float eps) {
-#pragma omp parallel if (rows > 8)
+#pragma omp parallel if (rows * dim >= kParallelWork)
   {
     std::vector<float> buf(dim);
 #pragma omp for schedule(static)
@@ -384,7 +393,7 @@ void rope_and_cache(T* qkv, int64_t qkv_stride, const float* cos, const float* s
                     int interleaved) {
   const int64_t half = rotary_dim / 2;
   const int64_t kv_width = num_kv_heads * head_dim;
-#pragma omp parallel for schedule(static) if (tokens > 8)
+#pragma omp parallel for schedule(static) if (tokens * qkv_stride >= kParallelWork)
   for (int64_t t = 0; t < tokens; ++t) {
     T* row = qkv + t * qkv_stride;
     const float* c = cos + t * half;
@@ -437,7 +446,7 @@ inline void store16(bf16* p, __m512 x) {
 // out = round(round(silu(gate)) * up) over rows of [gate | up], as torch computes it.
 template <class T>
 void silu_and_mul(T* out, const T* gate_up, int64_t rows, int64_t width) {
-#pragma omp parallel for schedule(static) if (rows > 1)
+#pragma omp parallel for schedule(static) if (rows * width >= kParallelWork)
   for (int64_t r = 0; r < rows; ++r) {
     const T* g = gate_up + r * 2 * width;
     const T* u = g + width;
