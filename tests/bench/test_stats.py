@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 
+import httpx
 import pytest
 
-from surge.bench.loadgen import RequestResult, StreamAccumulator, sse_data
+from surge.bench.loadgen import (
+    RequestOptions,
+    RequestResult,
+    StreamAccumulator,
+    send_chat,
+    sse_data,
+)
 from surge.bench.metrics import (
     Slo,
     client_cache_hit_rate,
@@ -18,7 +26,7 @@ from surge.bench.metrics import (
     summarize,
 )
 from surge.bench.report import replace_section
-from surge.bench.workloads import WORKLOADS, make_workload
+from surge.bench.workloads import WORKLOADS, Prompt, make_workload
 
 
 def _chunk(content: str | None = None, usage: dict | None = None) -> str:
@@ -161,3 +169,29 @@ def test_replace_section_keeps_the_rest() -> None:
     out = replace_section(md, "## Serving new\nnew\n")
     assert out == "# B\n\n## Offline\nkeep\n\n## Serving new\nnew\n\n## Later\nalso keep\n"
     assert replace_section("# B\n", "## Serving x\n") == "# B\n\n## Serving x\n"
+
+
+@pytest.mark.parametrize("failures,ok", [(1, True), (2, False)])
+def test_send_chat_resends_once_on_a_stale_connection(failures: int, ok: bool) -> None:
+    """A pooled connection the server closed fails before any response: sent once more."""
+    calls: list[httpx.Request] = []
+    stream = f"data: {_chunk('hi', {'completion_tokens': 1})}\n\ndata: [DONE]\n\n".encode()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        if len(calls) <= failures:
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
+        return httpx.Response(200, content=stream)
+
+    async def run() -> RequestResult:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
+            opts = RequestOptions(base_url="http://test", model="m")
+            return await send_chat(client, opts, Prompt(messages=(("user", "x"),), max_tokens=4))
+
+    result = asyncio.run(run())
+    assert len(calls) == 2  # never more than one resend
+    assert result.ok is ok
+    if ok:
+        assert result.output_tokens == 1
+    else:
+        assert "RemoteProtocolError" in result.error

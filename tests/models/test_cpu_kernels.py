@@ -175,3 +175,15 @@ def test_unsupported_shapes_are_refused(kernels):
     assert kernels.supports(torch.bfloat16, 64)
     assert not kernels.supports(torch.float16, 64)
     assert not kernels.supports(torch.float32, 40)
+
+
+@pytest.mark.parametrize("cols", [5, 16, 49152, 1000])
+def test_argmax_matches_torch(kernels, cols):
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(7, cols, generator=gen)
+    logits[1] = 0.0  # all tied: the first index
+    logits[2, cols // 2] = logits[2, -1] = 50.0  # a tie between a vector lane and the tail
+    logits[3, -1] = 99.0  # in the tail
+    logits[4, cols // 3] = float("nan")  # NaN wins, as in torch
+    logits[5] = float("-inf")
+    assert kernels.argmax(logits) == logits.argmax(dim=-1).tolist()

@@ -122,7 +122,12 @@ class RequestOptions:
 async def send_chat(
     client: httpx.AsyncClient, opts: RequestOptions, prompt: Prompt
 ) -> RequestResult:
-    """One streaming chat completion; never raises (failures become the result's error)."""
+    """One streaming chat completion; never raises (failures become the result's error).
+
+    A pooled keep-alive connection the server has already closed fails before any response
+    (httpx: "Server disconnected without sending a response"); such a request never reached
+    the server, so it is sent once more on a fresh connection, timed from the resend.
+    """
     body: dict[str, object] = {
         "model": opts.model,
         "messages": prompt.to_messages(),
@@ -133,22 +138,31 @@ async def send_chat(
     }
     if opts.include_usage:
         body["stream_options"] = {"include_usage": True}
-    acc = StreamAccumulator(time.perf_counter())
-    try:
-        async with client.stream(
-            "POST", opts.base_url + "/v1/chat/completions", json=body, timeout=opts.timeout
-        ) as resp:
-            if resp.status_code != 200:
-                text = (await resp.aread()).decode(errors="replace")[:300]
-                acc.result.error = f"HTTP {resp.status_code}: {text}"
-                return acc.finish(time.perf_counter())
-            async for line in resp.aiter_lines():
-                payload = sse_data(line)
-                if payload is not None:
-                    acc.feed(payload, time.perf_counter())
-    except (httpx.HTTPError, json.JSONDecodeError, OSError) as exc:
-        acc.result.error = f"{type(exc).__name__}: {exc}"
-    return acc.finish(time.perf_counter())
+    for attempt in range(2):
+        acc = StreamAccumulator(time.perf_counter())
+        responded = False
+        try:
+            async with client.stream(
+                "POST", opts.base_url + "/v1/chat/completions", json=body, timeout=opts.timeout
+            ) as resp:
+                responded = True
+                if resp.status_code != 200:
+                    text = (await resp.aread()).decode(errors="replace")[:300]
+                    acc.result.error = f"HTTP {resp.status_code}: {text}"
+                    return acc.finish(time.perf_counter())
+                async for line in resp.aiter_lines():
+                    payload = sse_data(line)
+                    if payload is not None:
+                        acc.feed(payload, time.perf_counter())
+        except httpx.RemoteProtocolError as exc:
+            if not responded and attempt == 0:
+                logger.debug("stale keep-alive connection (%s); resending once", exc)
+                continue
+            acc.result.error = f"{type(exc).__name__}: {exc}"
+        except (httpx.HTTPError, json.JSONDecodeError, OSError) as exc:
+            acc.result.error = f"{type(exc).__name__}: {exc}"
+        return acc.finish(time.perf_counter())
+    raise AssertionError("unreachable: the second attempt always returns")
 
 
 def make_client(max_connections: int) -> httpx.AsyncClient:

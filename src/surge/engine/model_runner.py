@@ -69,9 +69,8 @@ class ModelRunner:
         self.model = create_model(files.hf_config, self.dtype, self.device)
         self.model.load_weights(iter_weights(files, self.dtype))
         num_packed = self.model.pack_weights()
-        self.uses_cpu_kernels = self.model.use_cpu_kernels(
-            load_cpu_kernels() if config.cpu_kernels and self.device.type == "cpu" else None
-        )
+        kernels = load_cpu_kernels() if config.cpu_kernels and self.device.type == "cpu" else None
+        self.uses_cpu_kernels = self.model.use_cpu_kernels(kernels)
         self.model.eval()
         num_blocks = config.num_kv_blocks or self._blocks_for_memory(config.kv_cache_memory)
         self.kv_caches = allocate_kv_caches(
@@ -84,7 +83,7 @@ class ModelRunner:
             max_model_len=max_model_len,
             eos_token_ids=eos_token_ids,
         )
-        self.sampler = Sampler()
+        self.sampler = Sampler(kernels.argmax if kernels is not None else None)
         self._generators: dict[str, torch.Generator] = {}
         logger.info(
             "loaded %s (%s, %d linears pre-packed, CPU kernels %s) in %.1fs: %d KV blocks of %d tokens (%d tokens, %.0f MiB), max_model_len %d",

@@ -9,6 +9,7 @@ each seeded row's noise from its own generator), and the token ids cross to the 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -287,7 +288,13 @@ def _logprobs_to_lists(
 
 
 class Sampler:
-    """Samples one token per row of [N, V] logits with each row's SamplingParams (vLLM order)."""
+    """Samples one token per row of [N, V] logits with each row's SamplingParams (vLLM order).
+
+    `argmax` may replace `logits.argmax(-1).tolist()` on the all-greedy path (the CPU kernel).
+    """
+
+    def __init__(self, argmax: Callable[[torch.Tensor], list[int]] | None = None) -> None:
+        self._argmax = argmax
 
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         """Penalties -> greedy argmax -> temperature -> min_p -> top_k/top_p -> sample."""
@@ -297,6 +304,8 @@ class Sampler:
         plan = _plan(rows, logits.shape[1])
         if not plan.random and not plan.penalized and not plan.with_logprobs:
             # Fast path: all greedy, nothing else asked; one argmax, no softmax.
+            if self._argmax is not None and logits.is_contiguous() and logits.device.type == "cpu":
+                return SamplerOutput(self._argmax(logits), [None] * num_rows)
             return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * num_rows)
         processed = _penalize(logits, rows, plan.penalized) if plan.penalized else logits
         token_ids = _select_tokens(processed, plan)

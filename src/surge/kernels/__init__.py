@@ -53,6 +53,9 @@ class CpuKernels:
                 fn.argtypes = argtypes
                 fn.restype = None
                 self._fns[(name, suffix)] = fn
+        self._argmax = lib.surge_argmax_rows
+        self._argmax.argtypes = [_P, _P, _I, _I]
+        self._argmax.restype = None
 
     @staticmethod
     def supports(dtype: torch.dtype, head_dim: int) -> bool:
@@ -155,6 +158,12 @@ class CpuKernels:
         out = torch.empty((rows, width), dtype=gate_up.dtype)
         self._fn("silu_and_mul", gate_up.dtype)(out.data_ptr(), gate_up.data_ptr(), rows, width)
         return out
+
+    def argmax(self, logits: torch.Tensor) -> list[int]:
+        """torch.argmax(logits, -1).tolist() for contiguous float32 [N, V] rows, faster on CPU."""
+        out = torch.empty(logits.shape[0], dtype=torch.int64)
+        self._argmax(out.data_ptr(), logits.data_ptr(), logits.shape[0], logits.shape[1])
+        return out.tolist()
 
 
 def _cache_dir() -> Path:

@@ -469,7 +469,61 @@ void silu_and_mul(T* out, const T* gate_up, int64_t rows, int64_t width) {
   }
 }
 
+// Index of each row's largest value: the first one on ties, and the first NaN if any (torch's
+// argmax rule). float32 logits [rows, cols].
+void argmax_rows(int64_t* out, const float* x, int64_t rows, int64_t cols) {
+#pragma omp parallel for schedule(static) if (rows * cols >= 4 * kParallelWork)
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = x + r * cols;
+    int64_t best = 0;
+    int64_t i = 0;
+    bool has_nan = false;
+#if SURGE_AVX512
+    if (cols >= 16) {
+      __m512 vmax = _mm512_loadu_ps(row);
+      __m512i vidx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+      __m512i idx = vidx;
+      __mmask16 nan = _mm512_cmp_ps_mask(vmax, vmax, _CMP_UNORD_Q);
+      const __m512i step = _mm512_set1_epi32(16);
+      for (i = 16; i + 16 <= cols; i += 16) {
+        idx = _mm512_add_epi32(idx, step);
+        const __m512 v = _mm512_loadu_ps(row + i);
+        nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        const __mmask16 gt = _mm512_cmp_ps_mask(v, vmax, _CMP_GT_OQ);  // strict: earliest wins
+        vmax = _mm512_mask_mov_ps(vmax, gt, v);
+        vidx = _mm512_mask_mov_epi32(vidx, gt, idx);
+      }
+      has_nan = nan != 0;
+      const float top = _mm512_reduce_max_ps(vmax);
+      const __mmask16 at_top = _mm512_cmp_ps_mask(vmax, _mm512_set1_ps(top), _CMP_EQ_OQ);
+      best = _mm512_mask_reduce_min_epi32(at_top, vidx);
+    }
+#endif
+    float top = row[best];
+    for (; i < cols; ++i) {
+      has_nan |= row[i] != row[i];
+      if (row[i] > top) {
+        top = row[i];
+        best = i;
+      }
+    }
+    if (has_nan || top != top) {
+      for (int64_t j = 0; j < cols; ++j) {
+        if (row[j] != row[j]) {
+          best = j;
+          break;
+        }
+      }
+    }
+    out[r] = best;
+  }
+}
+
 }  // namespace
+
+extern "C" void surge_argmax_rows(int64_t* out, const float* x, int64_t rows, int64_t cols) {
+  argmax_rows(out, x, rows, cols);
+}
 
 #define SURGE_EXPORT_ALL(SUFFIX, T)                                                              \
   extern "C" void surge_decode_attention_##SUFFIX(                                               \
