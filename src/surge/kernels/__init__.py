@@ -1,8 +1,8 @@
 """Fused CPU kernels, compiled from `cpu_kernels.cpp` on first use and called through ctypes.
 
 The source is plain C++ (no torch headers), so a build takes seconds; the shared library is
-cached under ~/.cache/surge/kernels, keyed by the source, the compiler and the CPU (it is built
-with -march=native). Where no C++ compiler works, `load_cpu_kernels` returns None and the models
+cached under ~/.cache/surge/kernels ($SURGE_KERNEL_CACHE), keyed by the source, the compiler and
+the CPU (it is built with -march=native). Where no C++ compiler works, `load_cpu_kernels` returns None and the models
 keep their pure-torch path. SURGE_CPU_KERNELS=0 turns the kernels off.
 """
 
@@ -167,8 +167,9 @@ class CpuKernels:
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("SURGE_CACHE_DIR") or os.path.join(Path.home(), ".cache", "surge")
-    return Path(root) / "kernels"
+    """Where built libraries live: `$SURGE_KERNEL_CACHE` if set, else `~/.cache/surge/kernels`."""
+    env = os.environ.get("SURGE_KERNEL_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "surge" / "kernels"
 
 
 def _cpu_signature() -> str:
