@@ -2,8 +2,8 @@
 
 The source is plain C++ (no torch headers), so a build takes seconds; the shared library is
 cached under ~/.cache/surge/kernels ($SURGE_KERNEL_CACHE), keyed by the source, the compiler and
-the CPU (it is built with -march=native). Where no C++ compiler works, `load_cpu_kernels` returns None and the models
-keep their pure-torch path. SURGE_CPU_KERNELS=0 turns the kernels off.
+the CPU (it is built with -march=native). Where no C++ compiler works, `load_cpu_kernels`
+returns None and the models keep their pure-torch path. SURGE_CPU_KERNELS=0 turns them off.
 """
 
 from __future__ import annotations
