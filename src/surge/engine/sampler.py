@@ -304,7 +304,12 @@ class Sampler:
         plan = _plan(rows, logits.shape[1])
         if not plan.random and not plan.penalized and not plan.with_logprobs:
             # Fast path: all greedy, nothing else asked; one argmax, no softmax.
-            if self._argmax is not None and logits.is_contiguous() and logits.device.type == "cpu":
+            if (
+                self._argmax is not None
+                and logits.dtype == torch.float32
+                and logits.device.type == "cpu"
+                and logits.is_contiguous()
+            ):
                 return SamplerOutput(self._argmax(logits), [None] * num_rows)
             return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * num_rows)
         processed = _penalize(logits, rows, plan.penalized) if plan.penalized else logits
