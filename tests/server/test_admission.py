@@ -17,6 +17,7 @@ from tests.server.conftest import TINY_ARGS
 from tests.server.utils import RemoteSurgeServer, parse_stream, remote_server, sse_events
 
 CHAT = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 2, "temperature": 0}
+CHAT_PROMPT = {"prompt": "hello", "max_tokens": 2, "temperature": 0}
 LONG = {
     "prompt": "hello",
     "max_tokens": 500,
@@ -88,18 +89,28 @@ def test_tokens_per_minute(keyed_server: RemoteSurgeServer) -> None:
 
 
 def test_max_concurrent_per_key(keyed_server: RemoteSurgeServer) -> None:
-    async def run() -> list[httpx.Response]:
+    async def run() -> tuple[list[str], httpx.Response]:
         async with httpx.AsyncClient(timeout=60) as c:
             url = keyed_server.url("/v1/completions")
-            first = asyncio.create_task(c.post(url, json=LONG, headers=auth("sk-one")))
-            await asyncio.sleep(0.15)  # generous: LONG runs for >= 0.4 s
-            second = await c.post(url, json=LONG, headers=auth("sk-one"))
-            return [await first, second]
+            body = {**LONG, "stream": True}
+            async with c.stream("POST", url, json=body, headers=auth("sk-one")) as first:
+                lines = first.aiter_lines()
+                # its first token is out, so it holds the key's one slot for 499 more steps
+                events = [(await anext(lines))[6:]]
+                second = await c.post(url, json=LONG, headers=auth("sk-one"))
+                events += [line[6:] async for line in lines if line.startswith("data: ")]
+            return events, second
 
-    first, second = asyncio.run(run())
-    assert first.status_code == 200
+    events, second = asyncio.run(run())
+    chunks, _ = parse_stream(events)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     assert second.status_code == 429 and second.json()["error"]["code"] == "key_concurrency"
     assert "Retry-After" in second.headers
+    # the slot is given back when the stream ends
+    after = httpx.post(
+        keyed_server.url("/v1/completions"), json=CHAT_PROMPT, headers=auth("sk-one")
+    )
+    assert after.status_code == 200
 
 
 def test_overload_gets_429_at_once(tiny_model_dir: Path) -> None:
@@ -160,7 +171,7 @@ def test_request_timeout(tiny_model_dir: Path) -> None:
 def test_keepalive_and_queue_timeout(tiny_model_dir: Path) -> None:
     """A request waiting behind another gets `: keep-alive` comments, then its queue-wait timeout."""
     args = [*TINY_ARGS, "--max-num-seqs", "1", "--keepalive-interval", "0.02"]
-    args += ["--queue-timeout", "0.25"]
+    args += ["--queue-timeout", "0.15"]
     with remote_server(tiny_model_dir, args) as server:
 
         async def run() -> list[str]:
