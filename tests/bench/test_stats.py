@@ -6,13 +6,13 @@ import asyncio
 import json
 import math
 
-import httpx
 import pytest
 
 from surge.bench.loadgen import (
     RequestOptions,
     RequestResult,
     StreamAccumulator,
+    make_session,
     send_chat,
     sse_data,
 )
@@ -171,27 +171,53 @@ def test_replace_section_keeps_the_rest() -> None:
     assert replace_section("# B\n", "## Serving x\n") == "# B\n\n## Serving x\n"
 
 
-@pytest.mark.parametrize("failures,ok", [(1, True), (2, False)])
-def test_send_chat_resends_once_on_a_stale_connection(failures: int, ok: bool) -> None:
-    """A pooled connection the server closed fails before any response: sent once more."""
-    calls: list[httpx.Request] = []
-    stream = f"data: {_chunk('hi', {'completion_tokens': 1})}\n\ndata: [DONE]\n\n".encode()
+async def _scripted_server(
+    failures: int, body: bytes, seen: list[bytes]
+) -> tuple[asyncio.Server, str]:
+    """A raw HTTP server on 127.0.0.1: the first `failures` requests get a closed connection."""
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        calls.append(request)
-        if len(calls) <= failures:
-            raise httpx.RemoteProtocolError("Server disconnected without sending a response.")
-        return httpx.Response(200, content=stream)
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(
+            next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length:")).split(
+                b":"
+            )[1]
+        )
+        seen.append(await reader.readexactly(length))
+        if len(seen) > failures:
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
+            )
+            for i in range(0, len(body), 7):  # lines split across network reads
+                writer.write(body[i : i + 7])
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, f"http://127.0.0.1:{port}"
+
+
+@pytest.mark.parametrize("failures,ok", [(0, True), (1, True), (2, False)])
+def test_send_chat_resends_once_on_a_stale_connection(failures: int, ok: bool) -> None:
+    """A connection closed before any response is sent once more, never twice."""
+    seen: list[bytes] = []
+    stream = (
+        f"data: {_chunk('hé')}\n\n: keep-alive\n\n"
+        f"data: {_chunk('llo', {'completion_tokens': 2})}\r\n\r\ndata: [DONE]\n\n"
+    ).encode()
 
     async def run() -> RequestResult:
-        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
-            opts = RequestOptions(base_url="http://test", model="m")
-            return await send_chat(client, opts, Prompt(messages=(("user", "x"),), max_tokens=4))
+        server, url = await _scripted_server(failures, stream, seen)
+        async with server, make_session(4) as session:
+            opts = RequestOptions(base_url=url, model="m")
+            return await send_chat(session, opts, Prompt(messages=(("user", "x"),), max_tokens=4))
 
     result = asyncio.run(run())
-    assert len(calls) == 2  # never more than one resend
+    assert len(seen) == min(failures + 1, 2)
+    assert json.loads(seen[-1])["stream"] is True
     assert result.ok is ok
     if ok:
-        assert result.output_tokens == 1
+        assert result.output_tokens == 2 and result.num_chunks == 2 and len(result.itls) == 1
     else:
-        assert "RemoteProtocolError" in result.error
+        assert "ServerDisconnectedError" in result.error
