@@ -113,6 +113,27 @@ inline __m512 load16(const bf16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
+// Rows of a (sequence, kv head) task are head_dim values at a stride of every kv head's, in blocks
+// scattered over the cache: too short a run for the hardware prefetcher to pick up. Asking for
+// the row kPrefetchRows ahead keeps enough misses in flight on a cache the step evicted. Inline
+// asm, because GCC 12 deletes an inlined _mm_prefetch whose address comes from a load.
+constexpr int64_t kPrefetchRows = 32;
+template <class T>
+inline void prefetch_row(const T* base, const int64_t* slots, int64_t t, int64_t len,
+                         int64_t slot_stride, int64_t row_bytes) {
+  if (t + kPrefetchRows >= len) return;
+  const char* p = reinterpret_cast<const char*>(base + slots[t + kPrefetchRows] * slot_stride);
+  for (int64_t b = 0; b < row_bytes; b += 64) asm volatile("prefetcht0 %0" : : "m"(p[b]));
+}
+
+// The first kPrefetchRows rows, which the loops' look-ahead never asks for.
+template <class T>
+inline void prefetch_head(const T* base, const int64_t* slots, int64_t len, int64_t slot_stride,
+                          int64_t row_bytes) {
+  for (int64_t t = -kPrefetchRows; t < 0; ++t)
+    prefetch_row(base, slots, t, len, slot_stride, row_bytes);
+}
+
 // fast_exp on 16 lanes, same constants
 inline __m512 exp16(__m512 x) {
   x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
@@ -159,6 +180,7 @@ void qk_scores_widened(float* scores, const float* qf, const T* k_cache, const i
   const int nv = int(head_dim / 16);
   __m512 row[kMaxVecs];
   for (int64_t t = 0; t < len; ++t) {
+    prefetch_row(k_cache, slots, t, len, slot_stride, head_dim * int64_t(sizeof(T)));
     const T* k = k_cache + slots[t] * slot_stride;
     for (int v = 0; v < nv; ++v) row[v] = load16(k + 16 * v);
     for (int64_t g = 0; g < group; ++g) {
@@ -191,6 +213,7 @@ void qk_scores<bf16>(float* scores, const bf16* q, const float* qf, const bf16* 
   const int nb = int(head_dim / 32);
   __m512bh row[kMaxVecs / 2];
   for (int64_t t = 0; t < len; ++t) {
+    prefetch_row(k_cache, slots, t, len, slot_stride, head_dim * 2);
     const bf16* k = k_cache + slots[t] * slot_stride;
     for (int v = 0; v < nb; ++v) row[v] = (__m512bh)_mm512_loadu_si512(k + 32 * v);
     for (int64_t g = 0; g < group; ++g) {
@@ -212,6 +235,7 @@ void pv_registers(float* acc, const float* p, int64_t len, const T* v_cache,
   for (int g = 0; g < G; ++g)
     for (int v = 0; v < NV; ++v) a[g][v] = _mm512_setzero_ps();
   for (int64_t t = 0; t < len; ++t) {
+    prefetch_row(v_cache, slots, t, len, slot_stride, NV * 16 * int64_t(sizeof(T)));
     const T* vr = v_cache + slots[t] * slot_stride;
     __m512 row[NV];
     for (int v = 0; v < NV; ++v) row[v] = load16(vr + 16 * v);
@@ -256,6 +280,7 @@ void pv_memory(float* acc, const float* p, int64_t len, int64_t group, int64_t h
   __m512 row[kMaxVecs];
   std::fill(acc, acc + group * head_dim, 0.0f);
   for (int64_t t = 0; t < len; ++t) {
+    prefetch_row(v_cache, slots, t, len, slot_stride, head_dim * int64_t(sizeof(T)));
     const T* vr = v_cache + slots[t] * slot_stride;
     for (int v = 0; v < nv; ++v) row[v] = load16(vr + 16 * v);
     for (int64_t g = 0; g < group; ++g) {
@@ -272,7 +297,10 @@ template <class T>
 void decode_task(T* out, const T* q, const float* qf, const T* k_cache, const T* v_cache,
                  const int64_t* slots, int64_t len, int64_t group, int64_t head_dim,
                  int64_t slot_stride, float scale, float* scores, float* acc, float* inv) {
+  const int64_t row_bytes = head_dim * int64_t(sizeof(T));
+  prefetch_head(k_cache, slots, len, slot_stride, row_bytes);
   qk_scores<T>(scores, q, qf, k_cache, slots, len, group, head_dim, slot_stride, scale);
+  prefetch_head(v_cache, slots, len, slot_stride, row_bytes);  // arriving during the softmax
   for (int64_t g = 0; g < group; ++g) inv[g] = 1.0f / exp_and_sum(scores + g * len, len);
   if (head_dim == 64) {
     pv_chunked<T, 4>(acc, scores, len, group, v_cache, slots, slot_stride);
