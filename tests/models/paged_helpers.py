@@ -81,12 +81,18 @@ def load_pair(
 
 
 def use_backend(model: torch.nn.Module, backend: str) -> None:
-    """Switch a model to the pure-torch path or the fused CPU kernels (skips if unbuildable)."""
+    """Switch a model to the pure-torch path or the fused CPU kernels (skips if unbuildable).
+
+    "kernels" also packs the bf16 linears for the kernels' own linear, as the engine does (where
+    the CPU has it), so call it once per model. "torch" leaves them unpacked: oneDNN's packing
+    is bit-identical to F.linear (test_packing.py).
+    """
     kernels = None
     if backend == "kernels":
         kernels = load_cpu_kernels()
         if kernels is None:
             pytest.skip("no C++ compiler: CPU kernels not built")
+        model.pack_weights(kernels)
     assert model.use_cpu_kernels(kernels) == (backend == "kernels")
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from surge.kernels import load_cpu_kernels
+from surge.models.layers import Linear
 from surge.models.registry import create_model
 
 from .paged_helpers import BACKENDS, PagedRunner, load_pair, random_prompt, use_backend
@@ -44,6 +46,9 @@ def test_bfloat16_close_to_float32(case: str, backend: str) -> None:
     bf16 = create_model(hf.config, torch.bfloat16, "cpu")
     bf16.load_weights(hf.state_dict().items())
     use_backend(bf16, backend)
+    kernels = load_cpu_kernels()
+    if backend == "kernels" and kernels.has_linear:  # the kernels' own bf16 linear is under test
+        assert all(m.kernel_weight is not None for m in bf16.modules() if isinstance(m, Linear))
     prompt = random_prompt(20, seed=4)
     expected = PagedRunner(fp32).step([(0, prompt)])[0]
     got = PagedRunner(bf16).step([(0, prompt)])[0]

@@ -187,3 +187,47 @@ def test_argmax_matches_torch(kernels, cols):
     logits[4, cols // 3] = float("nan")  # NaN wins, as in torch
     logits[5] = float("-inf")
     assert kernels.argmax(logits) == logits.argmax(dim=-1).tolist()
+
+
+def _linear_kernels(kernels: CpuKernels) -> CpuKernels:
+    if not kernels.has_linear:
+        pytest.skip("this build has no bf16 linear kernel (needs AVX-512 BF16)")
+    return kernels
+
+
+@pytest.mark.parametrize("rows", [1, 5, 12, 13, 32, 64, 100])
+@pytest.mark.parametrize("n,k,bias", [(960, 576, False), (70, 64, True), (32, 1536, True)])
+def test_linear_matches_float_reference(kernels, rows, n, k, bias):
+    kernels = _linear_kernels(kernels)
+    gen = torch.Generator().manual_seed(rows * 7 + n)
+    x = torch.randn(rows, k, generator=gen).bfloat16()
+    w = (torch.randn(n, k, generator=gen) / k**0.5).bfloat16()
+    b = torch.randn(n, generator=gen).bfloat16() if bias else None
+    got = kernels.linear(x, kernels.pack_linear(w), n, b)
+    ref = x.float() @ w.float().T + (b.float() if bias else 0.0)
+    assert got.shape == (rows, n) and got.dtype == torch.bfloat16
+    # one float32 dot product rounded once: within bf16's half-ulp of the exact result
+    torch.testing.assert_close(got.float(), ref, atol=1e-3, rtol=2**-8)
+    # the same as torch's own bf16 linear up to that rounding
+    torch.testing.assert_close(got, F.linear(x, w, b), atol=1e-2, rtol=2**-7)
+
+
+def test_linear_is_batch_invariant_and_takes_strided_rows(kernels):
+    kernels = _linear_kernels(kernels)
+    gen = torch.Generator().manual_seed(11)
+    wide = torch.randn(37, 3 * 128, generator=gen).bfloat16()
+    x = wide[:, 128:256]  # rows 384 apart, as a slice of a fused projection
+    w = torch.randn(200, 128, generator=gen).bfloat16()
+    b = torch.randn(200, generator=gen).bfloat16()
+    packed = kernels.pack_linear(w)
+    batch = kernels.linear(x, packed, 200, b)
+    for i in [0, 11, 12, 36]:  # first/last rows of the kernel's row groups, whatever the batch
+        assert torch.equal(kernels.linear(x[i : i + 1], packed, 200, b), batch[i : i + 1])
+    assert torch.equal(kernels.linear(x[10:30], packed, 200, b), batch[10:30])
+    assert torch.equal(kernels.linear(x.reshape(1, 37, 128), packed, 200, b)[0], batch)
+
+
+def test_linear_refuses_what_it_cannot_take(kernels):
+    assert not kernels.can_linear(torch.empty(8, 7, dtype=torch.bfloat16))  # odd K
+    assert not kernels.can_linear(torch.empty(8, 8, dtype=torch.float32))
+    assert kernels.can_linear(torch.empty(8, 8, dtype=torch.bfloat16)) == kernels.has_linear

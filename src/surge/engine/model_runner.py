@@ -68,8 +68,8 @@ class ModelRunner:
         start = time.monotonic()
         self.model = create_model(files.hf_config, self.dtype, self.device)
         self.model.load_weights(iter_weights(files, self.dtype))
-        num_packed = self.model.pack_weights()
         kernels = load_cpu_kernels() if config.cpu_kernels and self.device.type == "cpu" else None
+        num_packed = self.model.pack_weights(kernels)
         self.uses_cpu_kernels = self.model.use_cpu_kernels(kernels)
         self.model.eval()
         num_blocks = config.num_kv_blocks or self._blocks_for_memory(config.kv_cache_memory)

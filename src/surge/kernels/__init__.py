@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 SUPPORTED_DTYPES = {torch.bfloat16: "bf16", torch.float32: "f32"}
+LINEAR_COLS = 32  # output columns per block of a packed linear weight (kLinearCols)
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
@@ -56,6 +57,13 @@ class CpuKernels:
         self._argmax = lib.surge_argmax_rows
         self._argmax.argtypes = [_P, _P, _I, _I]
         self._argmax.restype = None
+        self.has_linear = bool(lib.surge_linear_bf16_supported())
+        self._pack_linear = lib.surge_pack_linear_bf16
+        self._pack_linear.argtypes = [_P, _P, _I, _I]
+        self._pack_linear.restype = None
+        self._linear = lib.surge_linear_bf16
+        self._linear.argtypes = [_P, _P, _P, _P, _I, _I, _I, _I, _I]
+        self._linear.restype = None
 
     @staticmethod
     def supports(dtype: torch.dtype, head_dim: int) -> bool:
@@ -158,6 +166,46 @@ class CpuKernels:
         out = torch.empty((rows, width), dtype=gate_up.dtype)
         self._fn("silu_and_mul", gate_up.dtype)(out.data_ptr(), gate_up.data_ptr(), rows, width)
         return out
+
+    def can_linear(self, weight: torch.Tensor) -> bool:
+        """Whether `linear` can take this weight: bf16 [N, K] on CPU, K even, AVX-512 BF16 built."""
+        return (
+            self.has_linear
+            and weight.device.type == "cpu"
+            and weight.dtype == torch.bfloat16
+            and weight.dim() == 2
+            and weight.shape[1] % 2 == 0
+        )
+
+    def pack_linear(self, weight: torch.Tensor) -> torch.Tensor:
+        """The weight [N, K] in the blocked layout `linear` reads (a flat bf16 tensor)."""
+        n, k = weight.shape
+        weight = weight.contiguous()
+        packed = torch.empty(-(-n // LINEAR_COLS) * LINEAR_COLS * k, dtype=torch.bfloat16)
+        self._pack_linear(packed.data_ptr(), weight.data_ptr(), n, k)
+        return packed
+
+    def linear(
+        self, x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """x [..., K] @ W^T + bias for a weight packed by `pack_linear`; bf16 [..., N]."""
+        k = x.shape[-1]
+        rows = x.reshape(-1, k)
+        if rows.stride(-1) != 1:
+            rows = rows.contiguous()
+        out = torch.empty((rows.shape[0], out_features), dtype=torch.bfloat16)
+        self._linear(
+            out.data_ptr(),
+            rows.data_ptr(),
+            packed.data_ptr(),
+            _ptr(bias),
+            rows.shape[0],
+            out_features,
+            k,
+            rows.stride(0),
+            out.stride(0),
+        )
+        return out.view(*x.shape[:-1], out_features)
 
     def argmax(self, logits: torch.Tensor) -> list[int]:
         """torch.argmax(logits, -1).tolist() for contiguous float32 [N, V] rows, faster on CPU."""

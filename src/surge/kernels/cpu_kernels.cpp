@@ -471,6 +471,135 @@ inline void store16(bf16* p, __m512 x) {
 }
 #endif
 
+#if SURGE_AVX512 && defined(__AVX512BF16__)
+#define SURGE_LINEAR_BF16 1
+// bf16 linear layers, y = x W^T + b, for the decode-sized batches the server runs.
+//
+// The weight is packed once into blocks of kLinearCols output columns: block b holds, for each
+// pair of input features (2p, 2p+1), the 32 columns' pairs side by side ([K/2][32][2]), the
+// layout vdpbf16ps multiplies against a broadcast pair of x. A block is swept once per group of
+// up to kLinearRows rows of x, with every accumulator in a register. Each thread owns a fixed
+// range of blocks and prefetches the next block's weights while it computes on the current one:
+// at 32 rows the step is streaming 270 MB of weights, and without the overlap the first sweep
+// over each block waited on memory. Each output element is one float32 dot product over K in
+// order, plus the bias, rounded once: a row's result does not depend on the other rows.
+constexpr int64_t kLinearTiles = 2;  // 16-lane tiles per block
+constexpr int64_t kLinearCols = 16 * kLinearTiles;
+constexpr int kLinearRows = 12;  // 24 accumulators + 2 weight vectors + 1 broadcast
+
+inline int32_t load_pair(const bf16* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+// Prefetch into L2 from a register, without a memory operand: GCC keeps the accumulators in
+// registers around it (an "m" operand made it spill them on every iteration).
+inline void prefetch_l2(const char* p) { asm volatile("prefetcht1 (%0)" : : "r"(p)); }
+
+template <int MB>
+void linear_rows(bf16* out, int64_t out_stride, const bf16* x, int64_t x_stride, const bf16* blk,
+                 int64_t kpairs, const bf16* bias, const __mmask16* cols, const char* next,
+                 int64_t next_lines) {
+  __m512 acc[MB][kLinearTiles];
+  for (int m = 0; m < MB; ++m)
+    for (int j = 0; j < kLinearTiles; ++j) acc[m][j] = _mm512_setzero_ps();
+  const bf16* xr[MB];
+  for (int m = 0; m < MB; ++m) xr[m] = x + m * x_stride;
+  int64_t credit = 0;  // spreads next_lines prefetches evenly over the kpairs iterations
+  for (int64_t k = 0; k < kpairs; ++k) {
+    for (credit += next_lines; credit >= kpairs; credit -= kpairs, next += 64) prefetch_l2(next);
+    __m512bh w[kLinearTiles];
+    for (int j = 0; j < kLinearTiles; ++j)
+      w[j] = (__m512bh)_mm512_loadu_si512(blk + (k * kLinearTiles + j) * 32);
+    for (int m = 0; m < MB; ++m) {
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(load_pair(xr[m] + 2 * k));
+      for (int j = 0; j < kLinearTiles; ++j) acc[m][j] = _mm512_dpbf16_ps(acc[m][j], a, w[j]);
+    }
+  }
+  for (int j = 0; j < kLinearTiles; ++j) {
+    const __m512 b = bias == nullptr ? _mm512_setzero_ps()
+                                     : _mm512_castsi512_ps(_mm512_slli_epi32(
+                                           _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(
+                                               cols[j], bias + 16 * j)),
+                                           16));
+    for (int m = 0; m < MB; ++m) {
+      const __m512 r = bias == nullptr ? acc[m][j] : _mm512_add_ps(acc[m][j], b);
+      _mm256_mask_storeu_epi16(out + m * out_stride + 16 * j, cols[j],
+                               (__m256i)_mm512_cvtneps_pbh(r));
+    }
+  }
+}
+
+void pack_linear_bf16(bf16* packed, const bf16* w, int64_t n, int64_t k) {
+  const int64_t blocks = (n + kLinearCols - 1) / kLinearCols, kpairs = k / 2;
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < blocks; ++b) {
+    bf16* dst = packed + b * kpairs * kLinearCols * 2;
+    for (int64_t p = 0; p < kpairs; ++p)
+      for (int64_t c = 0; c < kLinearCols; ++c) {
+        const int64_t col = b * kLinearCols + c;
+        bf16* d = dst + (p * kLinearCols + c) * 2;
+        d[0] = col < n ? w[col * k + 2 * p] : 0;  // padding columns are zero, never stored
+        d[1] = col < n ? w[col * k + 2 * p + 1] : 0;
+      }
+  }
+}
+
+void linear_bf16(bf16* out, const bf16* x, const bf16* packed, const bf16* bias, int64_t m,
+                 int64_t n, int64_t k, int64_t x_stride, int64_t out_stride) {
+  if (m <= 0) return;
+  const int64_t blocks = (n + kLinearCols - 1) / kLinearCols, kpairs = k / 2;
+  const int64_t groups = (m + kLinearRows - 1) / kLinearRows;
+  const int64_t block_elems = kpairs * kLinearCols * 2, block_lines = block_elems * 2 / 64;
+#pragma omp parallel
+  {
+    const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
+    const int64_t first = t * blocks / threads, end = (t + 1) * blocks / threads;
+    for (int64_t b = first; b < end; ++b) {
+      const int64_t c0 = b * kLinearCols, width = std::min(kLinearCols, n - c0);
+      __mmask16 cols[kLinearTiles];
+      for (int j = 0; j < kLinearTiles; ++j) {
+        const int64_t c = width - 16 * j;
+        cols[j] = c >= 16 ? __mmask16(0xffff) : c <= 0 ? __mmask16(0) : __mmask16((1u << c) - 1);
+      }
+      const bf16* blk = packed + b * block_elems;
+      const char* next = reinterpret_cast<const char*>(blk + block_elems);
+      const int64_t next_lines = b + 1 < end ? block_lines : 0;
+      for (int64_t g = 0; g < groups; ++g) {
+        // rows split evenly (32 = 11 + 11 + 10, not 12 + 12 + 8); the prefetch likewise
+        const int64_t r0 = g * m / groups, rows = (g + 1) * m / groups - r0;
+        const int64_t l0 = g * next_lines / groups, l1 = (g + 1) * next_lines / groups;
+        bf16* o = out + r0 * out_stride + c0;
+        const bf16* xg = x + r0 * x_stride;
+        const bf16* bs = bias == nullptr ? nullptr : bias + c0;
+        switch (rows) {
+#define SURGE_LINEAR_CASE(N)                                                               \
+  case N:                                                                                  \
+    linear_rows<N>(o, out_stride, xg, x_stride, blk, kpairs, bs, cols, next + l0 * 64, l1 - l0); \
+    break;
+          SURGE_LINEAR_CASE(1)
+          SURGE_LINEAR_CASE(2)
+          SURGE_LINEAR_CASE(3)
+          SURGE_LINEAR_CASE(4)
+          SURGE_LINEAR_CASE(5)
+          SURGE_LINEAR_CASE(6)
+          SURGE_LINEAR_CASE(7)
+          SURGE_LINEAR_CASE(8)
+          SURGE_LINEAR_CASE(9)
+          SURGE_LINEAR_CASE(10)
+          SURGE_LINEAR_CASE(11)
+          SURGE_LINEAR_CASE(12)
+#undef SURGE_LINEAR_CASE
+          default:
+            break;
+        }
+      }
+    }
+  }
+}
+#endif
+
 // out = round(round(silu(gate)) * up) over rows of [gate | up], as torch computes it.
 template <class T>
 void silu_and_mul(T* out, const T* gate_up, int64_t rows, int64_t width) {
@@ -548,6 +677,33 @@ void argmax_rows(int64_t* out, const float* x, int64_t rows, int64_t cols) {
 }
 
 }  // namespace
+
+// 1 where the bf16 linear kernel was compiled in (AVX-512 BF16), else 0 and the two below are
+// never called.
+extern "C" int surge_linear_bf16_supported() {
+#if SURGE_LINEAR_BF16
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// packed: ceil(n / 32) * 32 * k bf16 values; k even
+extern "C" void surge_pack_linear_bf16(void* packed, const void* w, int64_t n, int64_t k) {
+#if SURGE_LINEAR_BF16
+  pack_linear_bf16(static_cast<bf16*>(packed), static_cast<const bf16*>(w), n, k);
+#endif
+}
+
+extern "C" void surge_linear_bf16(void* out, const void* x, const void* packed, const void* bias,
+                                  int64_t m, int64_t n, int64_t k, int64_t x_stride,
+                                  int64_t out_stride) {
+#if SURGE_LINEAR_BF16
+  linear_bf16(static_cast<bf16*>(out), static_cast<const bf16*>(x),
+              static_cast<const bf16*>(packed), static_cast<const bf16*>(bias), m, n, k, x_stride,
+              out_stride);
+#endif
+}
 
 extern "C" void surge_argmax_rows(int64_t* out, const float* x, int64_t rows, int64_t cols) {
   argmax_rows(out, x, rows, cols);

@@ -142,26 +142,38 @@ def apply_rotary(
 
 
 class Linear(nn.Linear):
-    """nn.Linear that can trade its weight for oneDNN's pre-packed layout once loaded.
+    """nn.Linear that can trade its weight for a pre-packed layout once loaded.
 
-    On this CPU a pre-packed bf16 weight runs the model's linears ~1.3x faster at batch 1 and
-    ~1.2x at batch 32 (BENCHMARKS.md), with results bit-identical to F.linear for every batch size.
+    On a CPU with AVX-512 BF16 and the CPU kernels on, bf16 weights go to surge's own blocked
+    layout and kernel (`CpuKernels.linear`): ~1.4x oneDNN's speed at batch 8-64 and ~1.3x at
+    batch 1 on the bundled model (BENCHMARKS.md), with each row's result independent of the
+    batch. Otherwise they go to oneDNN's pre-packed layout (~1.3x F.linear at batch 1), whose
+    results are bit-identical to F.linear for every batch size.
     """
 
-    packed_weight: torch.Tensor | None = None
+    packed_weight: torch.Tensor | None = None  # oneDNN's layout
+    kernel_weight: torch.Tensor | None = None  # CpuKernels.pack_linear's layout
+    kernels: CpuKernels | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel_weight is not None:
+            return self.kernels.linear(x, self.kernel_weight, self.out_features, self.bias)
         if self.packed_weight is not None:
             return torch.ops.mkldnn._linear_pointwise(
                 x, self.packed_weight, self.bias, "none", [], ""
             )
         return F.linear(x, self.weight, self.bias)
 
-    def pack(self) -> bool:
-        """Pack the weight for oneDNN and drop the plain copy; False where packing doesn't apply."""
+    def pack(self, kernels: CpuKernels | None = None) -> bool:
+        """Pack the weight and drop the plain copy; False where packing doesn't apply."""
         if not can_pack(self.weight):
             return False
-        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None)
+        weight = self.weight.detach()
+        if kernels is not None and kernels.can_linear(weight):
+            self.kernel_weight = kernels.pack_linear(weight)
+            self.kernels = kernels
+        else:
+            self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, None)
         self.weight = None  # the packed copy replaces it: no second copy of the weights in memory
         return True
 
@@ -176,9 +188,9 @@ def can_pack(weight: torch.Tensor) -> bool:
     )
 
 
-def pack_linears(model: nn.Module) -> int:
-    """Pack every Linear of a loaded model; returns how many were packed."""
-    return sum(m.pack() for m in model.modules() if isinstance(m, Linear))
+def pack_linears(model: nn.Module, kernels: CpuKernels | None = None) -> int:
+    """Pack every Linear of a loaded model (for `kernels` where they apply); how many were."""
+    return sum(m.pack(kernels) for m in model.modules() if isinstance(m, Linear))
 
 
 class MergedLinear(Linear):

@@ -252,15 +252,15 @@ class LlamaForCausalLM(nn.Module):
             return F.linear(hidden, self.model.embed_tokens.weight).float()
         return self.lm_head(hidden).float()
 
-    def pack_weights(self) -> int:
-        """Pre-pack the linears for the CPU's matmul library (bf16 on CPU); call after loading."""
+    def pack_weights(self, kernels: CpuKernels | None = None) -> int:
+        """Pre-pack the bf16 CPU linears for surge's kernels or oneDNN; call after loading."""
         if self.lm_head is None and can_pack(self.model.embed_tokens.weight):
             # tied: a packed copy for the logits; the embedding keeps its own table for lookups
             embed = self.model.embed_tokens
             # on meta: its own weight is replaced at once, so never allocate or initialise one
             self.lm_head = Linear(embed.embedding_dim, self.vocab_size, bias=False, device="meta")
             self.lm_head.weight = embed.weight
-        return pack_linears(self)
+        return pack_linears(self, kernels)
 
     def use_cpu_kernels(self, kernels: CpuKernels | None) -> bool:
         """Route norms, rotary, attention and SiLU·mul through the fused CPU kernels if they fit."""
