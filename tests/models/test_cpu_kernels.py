@@ -210,6 +210,11 @@ def test_linear_matches_float_reference(kernels, rows, n, k, bias):
     torch.testing.assert_close(got.float(), ref, atol=1e-3, rtol=2**-8)
     # the same as torch's own bf16 linear up to that rounding
     torch.testing.assert_close(got, F.linear(x, w, b), atol=1e-2, rtol=2**-7)
+    # float32 out (logits): the unrounded sums, of which the bf16 out is the rounding
+    exact = kernels.linear(x, kernels.pack_linear(w), n, b, out_dtype=torch.float32)
+    assert exact.dtype == torch.float32
+    torch.testing.assert_close(exact, ref, atol=1e-4, rtol=1e-4)
+    assert torch.equal(exact.bfloat16(), got)
 
 
 def test_linear_is_batch_invariant_and_takes_strided_rows(kernels):

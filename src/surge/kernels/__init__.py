@@ -62,7 +62,7 @@ class CpuKernels:
         self._pack_linear.argtypes = [_P, _P, _I, _I]
         self._pack_linear.restype = None
         self._linear = lib.surge_linear_bf16
-        self._linear.argtypes = [_P, _P, _P, _P, _I, _I, _I, _I, _I]
+        self._linear.argtypes = [_P, _P, _P, _P, _I, _I, _I, _I, _I, ctypes.c_int]
         self._linear.restype = None
 
     @staticmethod
@@ -186,14 +186,22 @@ class CpuKernels:
         return packed
 
     def linear(
-        self, x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        packed: torch.Tensor,
+        out_features: int,
+        bias: torch.Tensor | None,
+        out_dtype: torch.dtype = torch.bfloat16,
     ) -> torch.Tensor:
-        """x [..., K] @ W^T + bias for a weight packed by `pack_linear`; bf16 [..., N]."""
+        """x [..., K] @ W^T + bias for a weight packed by `pack_linear`; [..., N] in out_dtype.
+
+        out_dtype float32 keeps the float32 accumulators unrounded (for logits).
+        """
         k = x.shape[-1]
         rows = x.reshape(-1, k)
         if rows.stride(-1) != 1:
             rows = rows.contiguous()
-        out = torch.empty((rows.shape[0], out_features), dtype=torch.bfloat16)
+        out = torch.empty((rows.shape[0], out_features), dtype=out_dtype)
         self._linear(
             out.data_ptr(),
             rows.data_ptr(),
@@ -204,6 +212,7 @@ class CpuKernels:
             k,
             rows.stride(0),
             out.stride(0),
+            int(out_dtype == torch.float32),
         )
         return out.view(*x.shape[:-1], out_features)
 

@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -497,8 +498,8 @@ inline int32_t load_pair(const bf16* p) {
 // registers around it (an "m" operand made it spill them on every iteration).
 inline void prefetch_l2(const char* p) { asm volatile("prefetcht1 (%0)" : : "r"(p)); }
 
-template <int MB>
-void linear_rows(bf16* out, int64_t out_stride, const bf16* x, int64_t x_stride, const bf16* blk,
+template <int MB, class Out>
+void linear_rows(Out* out, int64_t out_stride, const bf16* x, int64_t x_stride, const bf16* blk,
                  int64_t kpairs, const bf16* bias, const __mmask16* cols, const char* next,
                  int64_t next_lines) {
   __m512 acc[MB][kLinearTiles];
@@ -525,8 +526,12 @@ void linear_rows(bf16* out, int64_t out_stride, const bf16* x, int64_t x_stride,
                                            16));
     for (int m = 0; m < MB; ++m) {
       const __m512 r = bias == nullptr ? acc[m][j] : _mm512_add_ps(acc[m][j], b);
-      _mm256_mask_storeu_epi16(out + m * out_stride + 16 * j, cols[j],
-                               (__m256i)_mm512_cvtneps_pbh(r));
+      if constexpr (std::is_same_v<Out, float>) {
+        _mm512_mask_storeu_ps(out + m * out_stride + 16 * j, cols[j], r);
+      } else {
+        _mm256_mask_storeu_epi16(out + m * out_stride + 16 * j, cols[j],
+                                 (__m256i)_mm512_cvtneps_pbh(r));
+      }
     }
   }
 }
@@ -546,7 +551,8 @@ void pack_linear_bf16(bf16* packed, const bf16* w, int64_t n, int64_t k) {
   }
 }
 
-void linear_bf16(bf16* out, const bf16* x, const bf16* packed, const bf16* bias, int64_t m,
+template <class Out>
+void linear_bf16(Out* out, const bf16* x, const bf16* packed, const bf16* bias, int64_t m,
                  int64_t n, int64_t k, int64_t x_stride, int64_t out_stride) {
   if (m <= 0) return;
   const int64_t blocks = (n + kLinearCols - 1) / kLinearCols, kpairs = k / 2;
@@ -570,13 +576,13 @@ void linear_bf16(bf16* out, const bf16* x, const bf16* packed, const bf16* bias,
         // rows split evenly (32 = 11 + 11 + 10, not 12 + 12 + 8); the prefetch likewise
         const int64_t r0 = g * m / groups, rows = (g + 1) * m / groups - r0;
         const int64_t l0 = g * next_lines / groups, l1 = (g + 1) * next_lines / groups;
-        bf16* o = out + r0 * out_stride + c0;
+        Out* o = out + r0 * out_stride + c0;
         const bf16* xg = x + r0 * x_stride;
         const bf16* bs = bias == nullptr ? nullptr : bias + c0;
         switch (rows) {
 #define SURGE_LINEAR_CASE(N)                                                               \
   case N:                                                                                  \
-    linear_rows<N>(o, out_stride, xg, x_stride, blk, kpairs, bs, cols, next + l0 * 64, l1 - l0); \
+    linear_rows<N, Out>(o, out_stride, xg, x_stride, blk, kpairs, bs, cols, next + l0 * 64, l1 - l0); \
     break;
           SURGE_LINEAR_CASE(1)
           SURGE_LINEAR_CASE(2)
@@ -695,13 +701,20 @@ extern "C" void surge_pack_linear_bf16(void* packed, const void* w, int64_t n, i
 #endif
 }
 
+// out: bf16, or float32 with out_f32 (logits: no rounding to bf16, whose steps of 1/8 at |16|
+// tie a small model's top candidates)
 extern "C" void surge_linear_bf16(void* out, const void* x, const void* packed, const void* bias,
                                   int64_t m, int64_t n, int64_t k, int64_t x_stride,
-                                  int64_t out_stride) {
+                                  int64_t out_stride, int out_f32) {
 #if SURGE_LINEAR_BF16
-  linear_bf16(static_cast<bf16*>(out), static_cast<const bf16*>(x),
-              static_cast<const bf16*>(packed), static_cast<const bf16*>(bias), m, n, k, x_stride,
-              out_stride);
+  const auto* xb = static_cast<const bf16*>(x);
+  const auto* pb = static_cast<const bf16*>(packed);
+  const auto* bb = static_cast<const bf16*>(bias);
+  if (out_f32) {
+    linear_bf16(static_cast<float*>(out), xb, pb, bb, m, n, k, x_stride, out_stride);
+  } else {
+    linear_bf16(static_cast<bf16*>(out), xb, pb, bb, m, n, k, x_stride, out_stride);
+  }
 #endif
 }
 

@@ -164,6 +164,14 @@ class Linear(nn.Linear):
             )
         return F.linear(x, self.weight, self.bias)
 
+    def forward_float(self, x: torch.Tensor) -> torch.Tensor:
+        """The output in float32; the kernels' linear skips rounding it to bf16 (for logits)."""
+        if self.kernel_weight is not None:
+            return self.kernels.linear(
+                x, self.kernel_weight, self.out_features, self.bias, out_dtype=torch.float32
+            )
+        return self(x).float()
+
     def pack(self, kernels: CpuKernels | None = None) -> bool:
         """Pack the weight and drop the plain copy; False where packing doesn't apply."""
         if not can_pack(self.weight):

@@ -250,7 +250,7 @@ class LlamaForCausalLM(nn.Module):
         """Float32 logits [N, vocab] for the selected hidden states."""
         if self.lm_head is None:
             return F.linear(hidden, self.model.embed_tokens.weight).float()
-        return self.lm_head(hidden).float()
+        return self.lm_head.forward_float(hidden)
 
     def pack_weights(self, kernels: CpuKernels | None = None) -> int:
         """Pre-pack the bf16 CPU linears for surge's kernels or oneDNN; call after loading."""
