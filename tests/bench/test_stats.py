@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import socket
+import struct
 
 import pytest
 
@@ -172,11 +174,22 @@ def test_replace_section_keeps_the_rest() -> None:
 
 
 async def _scripted_server(
-    failures: int, body: bytes, seen: list[bytes]
+    failures: int, body: bytes, seen: list[bytes], at_once: bool = False
 ) -> tuple[asyncio.Server, str]:
-    """A raw HTTP server on 127.0.0.1: the first `failures` requests get a closed connection."""
+    """A raw HTTP server on 127.0.0.1: the first `failures` requests get a closed connection.
+
+    at_once: closed (with a reset) as soon as it is accepted, before the request is read.
+    """
+    accepted: list[int] = []
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(1)
+        if at_once and len(accepted) <= failures:
+            seen.append(b"{}")
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.close()
+            return
         head = await reader.readuntil(b"\r\n\r\n")
         length = int(
             next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length:")).split(
@@ -198,8 +211,11 @@ async def _scripted_server(
     return server, f"http://127.0.0.1:{port}"
 
 
+@pytest.mark.parametrize("at_once", [False, True], ids=["after-request", "reset-at-once"])
 @pytest.mark.parametrize("failures,ok", [(0, True), (1, True), (2, False)])
-def test_send_chat_resends_once_on_a_stale_connection(failures: int, ok: bool) -> None:
+def test_send_chat_resends_once_on_a_stale_connection(
+    failures: int, ok: bool, at_once: bool
+) -> None:
     """A connection closed before any response is sent once more, never twice."""
     seen: list[bytes] = []
     stream = (
@@ -208,16 +224,16 @@ def test_send_chat_resends_once_on_a_stale_connection(failures: int, ok: bool) -
     ).encode()
 
     async def run() -> RequestResult:
-        server, url = await _scripted_server(failures, stream, seen)
+        server, url = await _scripted_server(failures, stream, seen, at_once)
         async with server, make_session(4) as session:
             opts = RequestOptions(base_url=url, model="m")
             return await send_chat(session, opts, Prompt(messages=(("user", "x"),), max_tokens=4))
 
     result = asyncio.run(run())
     assert len(seen) == min(failures + 1, 2)
-    assert json.loads(seen[-1])["stream"] is True
     assert result.ok is ok
     if ok:
+        assert json.loads(seen[-1])["stream"] is True
         assert result.output_tokens == 2 and result.num_chunks == 2 and len(result.itls) == 1
     else:
-        assert "ServerDisconnectedError" in result.error
+        assert result.error.startswith(("ServerDisconnectedError", "ClientOSError"))

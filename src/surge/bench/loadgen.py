@@ -130,8 +130,9 @@ async def send_chat(
     """One streaming chat completion; never raises (failures become the result's error).
 
     A pooled keep-alive connection the server has already closed fails before any response
-    ("Server disconnected"); such a request never reached the server, so it is sent once more
-    on a fresh connection, timed from the resend.
+    ("Server disconnected", or "Can not write request body" when the close lands while the
+    body is sent); such a request got no answer, so it is sent once more on a fresh connection,
+    timed from the resend.
     """
     body: dict[str, object] = {
         "model": opts.model,
@@ -156,7 +157,7 @@ async def send_chat(
                     acc.result.error = f"HTTP {resp.status}: {text}"
                     return acc.finish(time.perf_counter())
                 await _read_events(resp, acc)
-        except aiohttp.ServerDisconnectedError as exc:
+        except aiohttp.ClientConnectionError as exc:
             if not responded and attempt == 0:
                 logger.debug("stale keep-alive connection (%s); resending once", exc)
                 continue
