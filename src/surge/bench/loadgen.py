@@ -145,27 +145,36 @@ async def send_chat(
     if opts.include_usage:
         body["stream_options"] = {"include_usage": True}
     url = opts.base_url + "/v1/chat/completions"
-    timeout = aiohttp.ClientTimeout(total=opts.timeout, connect=30.0)
-    for attempt in range(2):
-        acc = StreamAccumulator(time.perf_counter())
-        responded = False
-        try:
-            async with session.post(url, json=body, timeout=timeout) as resp:
-                responded = True
-                if resp.status != 200:
-                    text = (await resp.read()).decode(errors="replace")[:300]
-                    acc.result.error = f"HTTP {resp.status}: {text}"
-                    return acc.finish(time.perf_counter())
-                await _read_events(resp, acc)
-        except aiohttp.ClientConnectionError as exc:
-            if not responded and attempt == 0:
-                logger.debug("stale keep-alive connection (%s); resending once", exc)
-                continue
-            acc.result.error = f"{type(exc).__name__}: {exc}"
-        except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError, OSError) as exc:
-            acc.result.error = f"{type(exc).__name__}: {exc}"
-        return acc.finish(time.perf_counter())
-    raise AssertionError("unreachable: the second attempt always returns")
+    result, stale = await _post_chat(session, url, body, opts.timeout)
+    if stale:
+        logger.debug("stale keep-alive connection (%s); resending once", result.error)
+        # a new session: the pool's other idle connections may have been closed as well
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+            result, _ = await _post_chat(s, url, body, opts.timeout)
+    return result
+
+
+async def _post_chat(
+    session: aiohttp.ClientSession, url: str, body: dict[str, object], timeout_s: float
+) -> tuple[RequestResult, bool]:
+    """(result, whether the connection failed before any response) of one attempt."""
+    acc = StreamAccumulator(time.perf_counter())
+    responded = False
+    timeout = aiohttp.ClientTimeout(total=timeout_s, connect=30.0)
+    try:
+        async with session.post(url, json=body, timeout=timeout) as resp:
+            responded = True
+            if resp.status != 200:
+                text = (await resp.read()).decode(errors="replace")[:300]
+                acc.result.error = f"HTTP {resp.status}: {text}"
+                return acc.finish(time.perf_counter()), False
+            await _read_events(resp, acc)
+    except aiohttp.ClientConnectionError as exc:
+        acc.result.error = f"{type(exc).__name__}: {exc}"
+        return acc.finish(time.perf_counter()), not responded
+    except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError, OSError) as exc:
+        acc.result.error = f"{type(exc).__name__}: {exc}"
+    return acc.finish(time.perf_counter()), False
 
 
 async def _read_events(resp: aiohttp.ClientResponse, acc: StreamAccumulator) -> None:
