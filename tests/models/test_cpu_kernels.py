@@ -236,3 +236,7 @@ def test_linear_refuses_what_it_cannot_take(kernels):
     assert not kernels.can_linear(torch.empty(8, 7, dtype=torch.bfloat16))  # odd K
     assert not kernels.can_linear(torch.empty(8, 8, dtype=torch.float32))
     assert kernels.can_linear(torch.empty(8, 8, dtype=torch.bfloat16)) == kernels.has_linear
+    if kernels.has_linear:
+        packed = kernels.pack_linear(torch.ones(8, 8, dtype=torch.bfloat16))
+        with pytest.raises(TypeError, match="float32"):
+            kernels.linear(torch.ones(2, 8), packed, 8, None)

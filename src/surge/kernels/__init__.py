@@ -197,6 +197,8 @@ class CpuKernels:
 
         out_dtype float32 keeps the float32 accumulators unrounded (for logits).
         """
+        if x.dtype != torch.bfloat16:
+            raise TypeError(f"the bf16 linear kernel got {x.dtype} input")
         k = x.shape[-1]
         rows = x.reshape(-1, k)
         if rows.stride(-1) != 1:
