@@ -184,10 +184,10 @@ async def _read_events(resp: aiohttp.ClientResponse, acc: StreamAccumulator) -> 
         now = time.perf_counter()
         *lines, pending = (pending + data).split(b"\n")
         for line in lines:
-            payload = sse_data(line.decode().rstrip("\r"))
+            payload = sse_data(line.decode(errors="replace").rstrip("\r"))
             if payload is not None:
                 acc.feed(payload, now)
-    payload = sse_data(pending.decode().rstrip("\r"))  # a last line with no newline
+    payload = sse_data(pending.decode(errors="replace").rstrip("\r"))  # a last line with no newline
     if payload is not None:
         acc.feed(payload, time.perf_counter())
 
