@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
-from surge.config import EngineConfig, ServerConfig
+from surge.config import EngineConfig, ServerConfig, SupervisorConfig
 
 logger = logging.getLogger("surge")
+
+API_KEY_ENV = "SURGE_API_KEY"  # a key clients must send, kept out of `ps` output
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -90,7 +93,11 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=d.port)
     parser.add_argument("--served-model-name", default=None, help="the model name clients use")
     parser.add_argument(
-        "--api-key", action="append", default=[], help="a key clients must send (repeatable)"
+        "--api-key",
+        action="append",
+        default=[],
+        help="a key clients must send (repeatable; visible in `ps`: prefer $SURGE_API_KEY or "
+        "--api-keys-file)",
     )
     parser.add_argument(
         "--api-keys-file", default=None, help="keys, one a line, or JSON lines with per-key limits"
@@ -133,15 +140,67 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         default=d.shutdown_grace,
         help="seconds in-flight requests get after SIGTERM",
     )
+    parser.add_argument(
+        "--stream-read-timeout",
+        type=float,
+        default=d.stream_read_timeout,
+        help="abort a stream whose client has read nothing for this many seconds",
+    )
+    parser.add_argument(
+        "--max-unread-chars",
+        type=int,
+        default=d.max_unread_chars,
+        help="abort a stream with more than this many characters its client has not read",
+    )
+    parser.add_argument(
+        "--allowed-hosts",
+        default=None,
+        help="comma-separated Host names accepted ('*.example.com', '*' = any); default: any, "
+        "or loopback names only when the API is open on a loopback address",
+    )
+    parser.add_argument(
+        "--cors-origins", default="", help="comma-separated browser origins allowed (CORS)"
+    )
+    parser.add_argument("--no-docs", action="store_true", help="no /docs and /openapi.json")
+    parser.add_argument(
+        "--max-connections", type=int, default=None, help="open connections at most (then 503)"
+    )
+    parser.add_argument(
+        "--timeout-keep-alive",
+        type=float,
+        default=d.timeout_keep_alive,
+        help="seconds an idle keep-alive connection stays open",
+    )
+    s = SupervisorConfig()
+    parser.add_argument(
+        "--engine-stall-timeout",
+        type=float,
+        default=s.stall_timeout,
+        help="seconds an engine core with work may go without progress before it is restarted",
+    )
+    parser.add_argument(
+        "--engine-max-restarts",
+        type=int,
+        default=s.max_restarts,
+        help="restarts within --engine-restart-window before giving up (then /ready stays 503)",
+    )
+    parser.add_argument("--engine-restart-window", type=float, default=s.restart_window)
 
 
 def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
     """Build the frozen ServerConfig from parsed flags."""
+    from surge.server.auth import hash_key
+
+    keys = list(args.api_key)
+    env_key = os.environ.get(API_KEY_ENV)
+    if env_key:
+        keys.append(env_key)
+    args.api_key = []  # plain keys are not kept once hashed
     return ServerConfig(
         host=args.host,
         port=args.port,
         served_model_name=args.served_model_name,
-        api_keys=tuple(args.api_key),
+        api_key_hashes=tuple(hash_key(k) for k in keys),
         api_keys_file=args.api_keys_file,
         max_queue=args.max_queue,
         request_timeout=args.request_timeout,
@@ -153,7 +212,23 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_concurrent_per_key=args.max_concurrent_per_key,
         default_priority=args.default_priority,
         shutdown_grace=args.shutdown_grace,
+        stream_read_timeout=args.stream_read_timeout,
+        max_unread_chars=args.max_unread_chars,
+        allowed_hosts=None if args.allowed_hosts is None else _csv(args.allowed_hosts),
+        cors_origins=_csv(args.cors_origins),
+        enable_docs=not args.no_docs,
+        max_connections=args.max_connections,
+        timeout_keep_alive=args.timeout_keep_alive,
+        supervisor=SupervisorConfig(
+            stall_timeout=args.engine_stall_timeout,
+            max_restarts=args.engine_max_restarts,
+            restart_window=args.engine_restart_window,
+        ),
     )
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

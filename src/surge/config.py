@@ -47,11 +47,32 @@ class EngineLimits:
     block_size: int
     max_model_len: int
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    vocab_size: int | None = None  # the model's; prompt token ids must be below it
 
     @property
     def kv_capacity_tokens(self) -> int:
         """Tokens the whole KV cache can hold."""
         return self.num_kv_blocks * self.block_size
+
+
+@dataclass(frozen=True)
+class SupervisorConfig:
+    """How the front end watches and restarts an engine core."""
+
+    # A core with work pending that sends nothing for this long is stuck: killed and restarted.
+    # Generous, because one step of a long prefill on a slow CPU can take many seconds.
+    stall_timeout: float = 60.0
+    restart_delay: float = 0.5  # first restart's delay; doubles with each crash in the window
+    max_restart_delay: float = 30.0
+    max_restarts: int = 5  # crashes within restart_window before the breaker opens (no restart)
+    restart_window: float = 300.0
+
+    def __post_init__(self) -> None:
+        for name in ("stall_timeout", "restart_window", "max_restart_delay"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        if self.restart_delay < 0 or self.max_restarts < 1:
+            raise ValueError("restart_delay must be >= 0 and max_restarts >= 1")
 
 
 @dataclass(frozen=True)
@@ -61,7 +82,9 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     served_model_name: str | None = None  # None = the engine's model name
-    api_keys: tuple[str, ...] = ()  # plain keys from --api-key; hashed when the app starts
+    # sha256 hex of the keys of --api-key / $SURGE_API_KEY: plain keys are hashed as the flags
+    # are read and never kept
+    api_key_hashes: tuple[str, ...] = ()
     api_keys_file: str | None = None  # one key per line, or JSON lines with per-key limits
     max_queue: int = 256  # sequences waiting beyond --max-num-seqs; more -> 429
     request_timeout: float | None = None  # seconds from arrival to the last token
@@ -74,8 +97,22 @@ class ServerConfig:
     default_priority: int = 0  # lower runs earlier, as in vLLM
     shutdown_grace: float = 30.0  # seconds in-flight requests may take after SIGTERM
     retry_after: int = 1  # seconds clients are told to wait after a 429 for a full queue
+    # a stream whose client has read nothing for this long, or has this many characters waiting
+    # unread, is aborted (the client stopped reading; its request must not hold the engine)
+    stream_read_timeout: float = 60.0
+    max_unread_chars: int = 1_000_000
+    # Host headers accepted (names, "*.example.com" or "*"); None = any, except that an open API
+    # on a loopback address accepts only loopback names (no DNS rebinding from a web page)
+    allowed_hosts: tuple[str, ...] | None = None
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the API; none = no CORS
+    enable_docs: bool = True  # /docs and /openapi.json (behind the API keys when keys are set)
+    max_connections: int | None = None  # uvicorn's limit_concurrency: more -> 503
+    timeout_keep_alive: float = 5.0  # seconds an idle keep-alive connection stays open
+    supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
 
     def __post_init__(self) -> None:
+        if self.stream_read_timeout <= 0 or self.max_unread_chars <= 0:
+            raise ValueError("stream_read_timeout and max_unread_chars must be positive")
         if self.max_queue < 0:
             raise ValueError("max_queue must be >= 0")
         if self.keepalive_interval <= 0:

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from surge.config import EngineConfig, EngineLimits
-from surge.engine.client import EngineCoreClient, EngineDeadError, InprocClient, MPClient
+from surge.config import EngineConfig, EngineLimits, SupervisorConfig
+from surge.engine.client import (
+    EngineCoreClient,
+    EngineDeadError,
+    EngineOverloadedError,
+    InprocClient,
+    MPClient,
+)
+from surge.engine.collector import OutputCollector
 from surge.engine.inputs import check_request_fits, encode_prompt
 from surge.engine.messages import EngineCoreFinish, EngineCoreOutput, EngineCoreOutputs
 from surge.engine.output_processor import OutputProcessor
@@ -19,13 +28,12 @@ from surge.models.default_model import DEFAULT_MODEL_NAME
 from surge.models.loader import load_model_files
 from surge.tokenizer import Tokenizer
 
-__all__ = ["AsyncEngine", "EngineDeadError", "EngineStats"]
+__all__ = ["AsyncEngine", "EngineDeadError", "EngineOverloadedError", "EngineStats"]
 
 logger = logging.getLogger(__name__)
 
 CORE_DIED_ERROR = "engine core died; request aborted"
 SHUTDOWN_ERROR = "engine shut down; request aborted"
-MAX_RESTART_DELAY_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -60,30 +68,50 @@ def model_name(model: str | None) -> str:
 class AsyncEngine:
     """Tokenizes, validates and streams requests; the core runs in its own process (or a thread)."""
 
-    def __init__(self, config: EngineConfig, tokenizer: Tokenizer, multiprocess: bool) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        tokenizer: Tokenizer,
+        multiprocess: bool,
+        supervisor: SupervisorConfig | None = None,
+    ) -> None:
         """Use `await AsyncEngine.create(...)`: it also starts the core."""
         self.config = config
+        self.supervisor = supervisor or SupervisorConfig()
         self.tokenizer = tokenizer
         self.model_name = model_name(config.model)
         self.multiprocess = multiprocess
         self.limits: EngineLimits
         self.num_restarts = 0
+        self.last_failure: str | None = None  # why the core last died (kept after a restart)
+        self.breaker_open = False  # too many crashes in the window: no more restarts
+        self._crash_times: collections.deque[float] = collections.deque()
         self._client: EngineCoreClient | None = None
         self._processor = OutputProcessor(tokenizer)
-        self._queues: dict[str, asyncio.Queue[RequestOutput]] = {}
+        self._collectors: dict[str, OutputCollector] = {}
         self._children: dict[str, list[str]] = {}  # req_id -> its core-side ids (n > 1 fan-out)
         self._stats = EngineStats()
         self._ready = False
         self._closing = False
         self._output_task: asyncio.Task[None] | None = None
+        self._watchdog_task: asyncio.Task[None] | None = None
+        self._last_progress = time.monotonic()  # last output from the core, or work arriving
+        self._stall_reason: str | None = None
 
     @classmethod
-    async def create(cls, config: EngineConfig, *, multiprocess: bool = True) -> AsyncEngine:
+    async def create(
+        cls,
+        config: EngineConfig,
+        *,
+        multiprocess: bool = True,
+        supervisor: SupervisorConfig | None = None,
+    ) -> AsyncEngine:
         """Load the tokenizer, start the core and wait until it is ready."""
         files = await asyncio.to_thread(load_model_files, config.model)
         tokenizer = await asyncio.to_thread(Tokenizer.from_model_files, files)
-        engine = cls(config, tokenizer, multiprocess)
+        engine = cls(config, tokenizer, multiprocess, supervisor)
         await engine._start_core()
+        engine._watchdog_task = asyncio.create_task(engine._watchdog(), name="surge-watchdog")
         return engine
 
     # ---- state -----------------------------------------------------------------------------
@@ -107,6 +135,13 @@ class AsyncEngine:
         """The core process's id (None in-process)."""
         return None if self._client is None else self._client.pid
 
+    def unread(self, req_id: str) -> tuple[float | None, int]:
+        """(monotonic time its oldest unread output arrived, unread chars) of a request."""
+        collector = self._collectors.get(req_id)
+        if collector is None:
+            return None, 0
+        return collector.unread_since, collector.unread_chars
+
     # ---- requests --------------------------------------------------------------------------
 
     def encode_prompt(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
@@ -120,24 +155,26 @@ class AsyncEngine:
         if not self.is_ready:
             raise EngineDeadError("the engine core is not running")
         text, token_ids = self.encode_prompt(prompt)
-        check_request_fits(len(token_ids), params.max_tokens, self.limits)
-        if req_id in self._queues:
+        check_request_fits(token_ids, params.max_tokens, self.limits)
+        if req_id in self._collectors:
             raise InvalidRequestError(f"request id {req_id!r} is already in use", param="req_id")
+        if not len(self._processor):  # the core had nothing to do: its silence so far was idle
+            self._last_progress = time.monotonic()
         core_requests = self._processor.add_request(req_id, text, token_ids, params, priority)
-        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        self._queues[req_id] = queue
+        collector = OutputCollector()
+        self._collectors[req_id] = collector
         self._children[req_id] = [r.req_id for r in core_requests]
         finished = False
         try:
             assert self._client is not None
             self._client.add(core_requests)
             while not finished:
-                out = await queue.get()
+                out = await collector.get()
                 finished = out.finished
                 yield out
         finally:
             # also on GeneratorExit / CancelledError: the client is gone, free its blocks now
-            self._queues.pop(req_id, None)
+            self._collectors.pop(req_id, None)
             self._children.pop(req_id, None)
             if not finished:
                 self._abort_in_core(req_id)
@@ -154,7 +191,10 @@ class AsyncEngine:
     def _abort_in_core(self, req_id: str) -> None:
         live = self._processor.abort_request(req_id)
         if live and self._client is not None and self._ready:
-            self._client.finish(EngineCoreFinish(live, "abort"))
+            try:
+                self._client.finish(EngineCoreFinish(live, "abort"))
+            except EngineOverloadedError:  # the stall watchdog will deal with the core
+                logger.warning("could not send the abort of %s: the core's queue is full", req_id)
 
     def _finish_locally(self, req_ids: list[str], reason: str, error: str | None) -> None:
         """End requests here, as if the core had finished them, so their streams end."""
@@ -168,9 +208,9 @@ class AsyncEngine:
 
     def _deliver(self, request_outputs: list[RequestOutput]) -> None:
         for out in request_outputs:
-            queue = self._queues.get(out.req_id)
-            if queue is not None:
-                queue.put_nowait(out)
+            collector = self._collectors.get(out.req_id)
+            if collector is not None:
+                collector.put(out)
 
     # ---- the output loop and watchdog ------------------------------------------------------
 
@@ -186,30 +226,64 @@ class AsyncEngine:
             raise
         self._client = client
         self._stats = EngineStats()
+        self._last_progress = time.monotonic()
+        self._stall_reason = None
         self._ready = True
         self._output_task = asyncio.create_task(self._output_loop(client), name="surge-outputs")
 
     async def _output_loop(self, client: EngineCoreClient) -> None:
-        """Read the core's steps into request queues; when the core dies, fail all and restart."""
+        """Read the core's steps into request collectors; if the core dies or this loop fails
+        for any reason (a decode or socket error included), fail all and restart the core."""
         try:
             while True:
                 outputs = await client.get_outputs()
+                self._last_progress = time.monotonic()
                 try:
                     self._handle_outputs(client, outputs)
                 except Exception:
                     logger.exception("processing engine outputs failed; failing in-flight requests")
                     live = [cid for ids in self._children.values() for cid in ids]
                     client.finish(EngineCoreFinish(live, "abort"))
-                    self._finish_locally(list(self._queues), "error", "internal error")
-        except EngineDeadError as e:
+                    self._finish_locally(list(self._collectors), "error", "internal error")
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # EngineDeadError, or anything that broke the loop itself
             if self._closing:
                 return
-            logger.error("%s; failing %d requests and restarting it", e, len(self._queues))
-            self._ready = False
-            self._stats = EngineStats()
-            self._finish_locally(list(self._queues), "error", CORE_DIED_ERROR)
-            await client.close()
-            await self._restart()
+            reason = self._stall_reason or (
+                str(e) if isinstance(e, EngineDeadError) else f"output loop failed: {e!r}"
+            )
+            if not isinstance(e, EngineDeadError):
+                logger.exception("the engine output loop failed")
+            await self._on_core_failure(client, reason)
+
+    async def _on_core_failure(self, client: EngineCoreClient, reason: str) -> None:
+        """Fail every in-flight request with the reason, stop the core, restart (or give up)."""
+        logger.error("engine core failed: %s; failing %d requests", reason, len(self._collectors))
+        self._ready = False
+        self._stats = EngineStats()
+        self.last_failure = reason
+        self._finish_locally(list(self._collectors), "error", f"{CORE_DIED_ERROR}: {reason}")
+        client.kill()
+        await client.close()
+        await self._restart()
+
+    async def _watchdog(self) -> None:
+        """Kill a core that is alive but stuck: work pending and no output for stall_timeout."""
+        timeout = self.supervisor.stall_timeout
+        while not self._closing:
+            await asyncio.sleep(min(1.0, timeout / 4))
+            client = self._client
+            if client is None or not self._ready or not len(self._processor):
+                continue
+            silent = time.monotonic() - self._last_progress
+            if silent > timeout and not client.has_pending_output():
+                self._stall_reason = (
+                    f"engine core stalled: no progress for {silent:.0f}s "
+                    f"with {len(self._processor)} requests pending"
+                )
+                logger.error("%s; killing it", self._stall_reason)
+                client.kill()
 
     def _handle_outputs(self, client: EngineCoreClient, outputs: EngineCoreOutputs) -> None:
         self._stats = EngineStats(
@@ -227,20 +301,41 @@ class AsyncEngine:
             client.finish(EngineCoreFinish(stopped, "stop"))
         self._deliver(request_outputs)
 
+    def _next_restart_delay(self) -> float | None:
+        """Record a crash; the delay before the next start, or None once the breaker opens."""
+        sup, now = self.supervisor, time.monotonic()
+        self._crash_times.append(now)
+        while self._crash_times and self._crash_times[0] < now - sup.restart_window:
+            self._crash_times.popleft()
+        crashes = len(self._crash_times)
+        if crashes > sup.max_restarts:
+            return None
+        return min(sup.restart_delay * 2 ** (crashes - 1), sup.max_restart_delay)
+
     async def _restart(self) -> None:
-        """Start a new core, backing off while starts fail."""
-        delay = 0.5
+        """Start a new core after a backoff; a failed start counts as another crash."""
         while not self._closing:
+            delay = self._next_restart_delay()
+            if delay is None:
+                self.breaker_open = True
+                logger.error(
+                    "engine core crashed %d times in %gs: not restarting it (last: %s)",
+                    len(self._crash_times),
+                    self.supervisor.restart_window,
+                    self.last_failure,
+                )
+                return
+            logger.info("restarting the engine core in %.1fs", delay)
+            await asyncio.sleep(delay)
             try:
                 await self._start_core()
-            except Exception:
-                logger.exception("engine core restart failed; retrying in %.1fs", delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, MAX_RESTART_DELAY_S)
-            else:
-                self.num_restarts += 1
-                logger.info("engine core restarted (%d restarts)", self.num_restarts)
-                return
+            except Exception as e:
+                logger.exception("engine core restart failed")
+                self.last_failure = f"restart failed: {e}"
+                continue
+            self.num_restarts += 1
+            logger.info("engine core restarted (%d restarts)", self.num_restarts)
+            return
 
     async def shutdown(self) -> None:
         """End in-flight requests, stop the core and clean up its sockets."""
@@ -248,10 +343,11 @@ class AsyncEngine:
             return
         self._closing = True
         self._ready = False
-        task, self._output_task = self._output_task, None
-        if task is not None and task is not asyncio.current_task():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-        self._finish_locally(list(self._queues), "error", SHUTDOWN_ERROR)
+        for task in (self._output_task, self._watchdog_task):
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._output_task = self._watchdog_task = None
+        self._finish_locally(list(self._collectors), "error", SHUTDOWN_ERROR)
         if self._client is not None:
             await self._client.close()

@@ -6,21 +6,25 @@ the only thing the scheduler talks to. No torch here: block ids index the model 
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from surge.engine.request import Request
 
-# (parent chain value, this block's token ids). Keeping the token ids in the key means two blocks
-# only match when their tokens are equal; the parent value chains the whole prefix into it.
-BlockHash = tuple[int, tuple[int, ...]]
-_ROOT_HASH = 0x5EED_0F_5A9E  # parent value of a request's first block
+# sha256(parent block's hash + this block's token ids as int64): it chains the whole prefix into
+# each key, and being collision-resistant, one tenant can't craft a prompt whose block maps onto
+# another tenant's cached KV (Python's 64-bit hash() of the parent could be collided).
+BlockHash = bytes
+_ROOT_HASH = hashlib.sha256(b"surge prefix cache root").digest()  # parent of a first block
 
 
 def hash_block(parent: BlockHash | None, token_ids: Iterable[int]) -> BlockHash:
     """Key of a full block: chained from its parent block's key and its own token ids."""
-    parent_value = _ROOT_HASH if parent is None else hash(parent)
-    return (parent_value, tuple(token_ids))
+    h = hashlib.sha256(_ROOT_HASH if parent is None else parent)
+    h.update(array("q", token_ids).tobytes())
+    return h.digest()
 
 
 @dataclass(slots=True, eq=False)

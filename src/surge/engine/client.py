@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import queue
@@ -19,7 +20,13 @@ import zmq
 import zmq.asyncio
 
 from surge.config import EngineConfig, EngineLimits
-from surge.engine.core_proc import build_engine_core, run_core_loop, run_engine_core
+from surge.engine.core_proc import (
+    INPUT_HWM,
+    OUTPUT_HWM,
+    build_engine_core,
+    run_core_loop,
+    run_engine_core,
+)
 from surge.engine.messages import (
     CoreInput,
     CoreOutput,
@@ -39,6 +46,10 @@ SHUTDOWN_TIMEOUT_S = 5.0
 
 class EngineDeadError(RuntimeError):
     """The engine core is not running (died, restarting or shut down); the server answers 503."""
+
+
+class EngineOverloadedError(RuntimeError):
+    """The queue to the engine core is full; the server answers 503."""
 
 
 class EngineCoreClient(Protocol):
@@ -65,6 +76,14 @@ class EngineCoreClient(Protocol):
 
     def is_alive(self) -> bool: ...
 
+    def has_pending_output(self) -> bool:
+        """Outputs have arrived that nobody has read yet (the core made progress)."""
+        ...
+
+    def kill(self) -> None:
+        """Stop the core at once (it is stuck); get_outputs then raises EngineDeadError."""
+        ...
+
     async def close(self) -> None:
         """Stop the core and release what the client holds."""
         ...
@@ -76,6 +95,7 @@ def limits_from_ready(msg: EngineCoreReady) -> EngineLimits:
         block_size=msg.block_size,
         max_model_len=msg.max_model_len,
         eos_token_ids=tuple(msg.eos_token_ids),
+        vocab_size=msg.vocab_size,
     )
 
 
@@ -89,6 +109,7 @@ class InprocClient:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
+        self._killed = False
 
     @property
     def pid(self) -> int | None:
@@ -157,12 +178,20 @@ class InprocClient:
         return outputs
 
     def is_alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return not self._killed and self._thread is not None and self._thread.is_alive()
+
+    def has_pending_output(self) -> bool:
+        return not self._outputs.empty()
+
+    def kill(self) -> None:
+        # a thread can't be killed: disown it (a stuck one stays stuck, its outputs go nowhere)
+        self._killed = self._closing = True
+        self._outputs.put_nowait(None)
 
     async def close(self) -> None:
         self._closing = True
         self._inputs.put(EngineCoreShutdown())
-        if self._thread is not None:
+        if self._thread is not None and not self._killed:
             await asyncio.to_thread(self._thread.join, SHUTDOWN_TIMEOUT_S)
 
 
@@ -185,8 +214,8 @@ class MPClient:
         self._output = self._actx.socket(zmq.PULL)
         for sock in (self._input, self._output):
             sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.SNDHWM, 0)
-            sock.setsockopt(zmq.RCVHWM, 0)
+        self._input.setsockopt(zmq.SNDHWM, INPUT_HWM)
+        self._output.setsockopt(zmq.RCVHWM, OUTPUT_HWM)
         self._input.connect(input_addr)
         self._output.bind(output_addr)
         self._encoder = msgspec.msgpack.Encoder()
@@ -223,10 +252,16 @@ class MPClient:
 
     def add(self, requests: list[EngineCoreRequest]) -> None:
         for req in requests:
-            self._input.send(self._encoder.encode(req), zmq.NOBLOCK)
+            self._send(req)
 
     def finish(self, msg: EngineCoreFinish) -> None:
-        self._input.send(self._encoder.encode(msg), zmq.NOBLOCK)
+        self._send(msg)
+
+    def _send(self, msg: CoreInput) -> None:
+        try:
+            self._input.send(self._encoder.encode(msg), zmq.NOBLOCK)
+        except zmq.Again as e:  # INPUT_HWM messages queued: the core is far behind or stuck
+            raise EngineOverloadedError("the engine's input queue is full") from e
 
     async def get_outputs(self) -> EngineCoreOutputs:
         msg = await self._recv()
@@ -237,12 +272,20 @@ class MPClient:
     def is_alive(self) -> bool:
         return self._proc.is_alive()
 
+    def has_pending_output(self) -> bool:
+        return bool(self._output.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+
+    def kill(self) -> None:
+        if self._proc.is_alive():
+            self._proc.kill()
+
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         if self._proc.is_alive():
-            self._input.send(self._encoder.encode(EngineCoreShutdown()), zmq.NOBLOCK)
+            with contextlib.suppress(zmq.ZMQError):
+                self._input.send(self._encoder.encode(EngineCoreShutdown()), zmq.NOBLOCK)
         if self._proc.pid is not None:
             await asyncio.to_thread(self._stop_process)
         self._input.close()
@@ -252,13 +295,11 @@ class MPClient:
         shutil.rmtree(self._tmpdir, ignore_errors=True)
 
     def _stop_process(self) -> None:
-        """Wait for the asked-for exit, then terminate, then kill (runs on a worker thread)."""
+        """Wait for the asked-for exit, then kill (runs on a worker thread; the core ignores
+        SIGTERM so that a signal to the whole process group can't stop it mid-request)."""
         proc = self._proc
         proc.join(SHUTDOWN_TIMEOUT_S)
         if proc.is_alive():
-            logger.warning("engine core %d did not stop; terminating it", proc.pid)
-            proc.terminate()
-            proc.join(SHUTDOWN_TIMEOUT_S)
-        if proc.is_alive():
+            logger.warning("engine core %d did not stop; killing it", proc.pid)
             proc.kill()
             proc.join()

@@ -13,7 +13,7 @@ from surge.engine.messages import (
     EngineCoreRequest,
 )
 from surge.engine.model_runner import ModelRunner, StepResult
-from surge.engine.request import InvalidRequestError, Request, RequestStatus
+from surge.engine.request import Request, RequestStatus
 from surge.engine.scheduler import Scheduler, SchedulerOutput
 from surge.models.loader import ModelFiles
 
@@ -36,14 +36,7 @@ class EngineCore:
     def add_request(self, msg: EngineCoreRequest) -> None:
         """Queue a request; one that can't be served ends at once with an error output."""
         try:
-            check_request_fits(
-                len(msg.prompt_token_ids), msg.sampling_params.max_tokens, self.limits
-            )
-            vocab = self.runner.vocab_size
-            if any(not 0 <= t < vocab for t in msg.prompt_token_ids):
-                raise InvalidRequestError(
-                    f"prompt token ids must be in [0, {vocab})", param="prompt"
-                )
+            check_request_fits(msg.prompt_token_ids, msg.sampling_params.max_tokens, self.limits)
             self.scheduler.add_request(
                 Request(
                     req_id=msg.req_id,

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import multiprocessing
+import os
 import signal
+import time
 from collections.abc import Callable
 
 import msgspec
@@ -13,6 +16,7 @@ import zmq
 
 from surge.config import EngineConfig
 from surge.engine.core import EngineCore
+from surge.engine.faults import FaultInjector, hang_forever
 from surge.engine.messages import (
     CoreInput,
     EngineCoreFinish,
@@ -27,8 +31,15 @@ from surge.tokenizer import Tokenizer
 logger = logging.getLogger(__name__)
 
 PROCESS_TITLE = "surge::engine-core"
-# How long an idle core blocks for input before checking that its parent still lives.
+# How long an idle core blocks for input, and a busy one steps, between checks that its parent
+# still lives.
 IDLE_POLL_S = 1.0
+# Queue bounds between the front end and the core (messages). The front end admits at most
+# --max-num-seqs + --max-queue sequences, so input never nears this; the output side holds
+# steps the front end has not read yet: past it the core waits, which is back-pressure, not loss.
+INPUT_HWM = 100_000
+OUTPUT_HWM = 10_000
+_PR_SET_PDEATHSIG = 1
 
 # (timeout seconds, 0 = don't wait) -> every input message pending, waiting up to timeout for one
 GetInputs = Callable[[float], list[CoreInput]]
@@ -49,6 +60,7 @@ def ready_message(core: EngineCore) -> EngineCoreReady:
         block_size=limits.block_size,
         max_model_len=limits.max_model_len,
         eos_token_ids=list(limits.eos_token_ids),
+        vocab_size=limits.vocab_size or 0,
     )
 
 
@@ -57,8 +69,12 @@ def run_core_loop(
     get_inputs: GetInputs,
     send: Callable[[EngineCoreOutputs], None],
     keep_going: Callable[[], bool],
+    faults: FaultInjector | None = None,
+    send_raw: Callable[[bytes], None] | None = None,
 ) -> None:
     """Apply pending inputs, step while there is work, else block on input; until shutdown."""
+    faults = faults or FaultInjector()
+    next_check = time.monotonic() + IDLE_POLL_S
     while True:
         busy = core.has_unfinished_requests()
         messages = get_inputs(0.0 if busy else IDLE_POLL_S)
@@ -67,24 +83,54 @@ def run_core_loop(
                 logger.info("engine core shutting down")
                 return
             if isinstance(msg, EngineCoreRequest):
+                faults.on_request(msg.prompt_token_ids)
                 core.add_request(msg)
             elif isinstance(msg, EngineCoreFinish):
                 core.finish_requests(msg)
+        _inject(faults.take(), send_raw)
         if core.has_unfinished_requests():
             send(core.step())
         elif messages:
             # an abort while idle frees blocks with no step to report it: send the new load
             send(core.make_outputs())
-        elif not keep_going():
-            logger.warning("engine core's owner is gone; exiting")
-            return
+        now = time.monotonic()
+        if now >= next_check:  # idle or busy, at most once a period
+            next_check = now + IDLE_POLL_S
+            if not keep_going():
+                logger.warning("engine core's owner is gone; exiting")
+                return
+
+
+def _inject(fault: str | None, send_raw: Callable[[bytes], None] | None) -> None:
+    """Carry out a triggered test fault (see surge.engine.faults)."""
+    if fault == "hang":
+        hang_forever()
+    elif fault == "crash":
+        os._exit(17)
+    elif fault == "garbage" and send_raw is not None:
+        send_raw(b"\xc1 not msgpack")
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (a core must never outlive it)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the parent check in the loop still works
+        pass
 
 
 def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> None:
     """Process entry point: load, send EngineCoreReady, then serve the core loop over zmq."""
     setproctitle.setproctitle(PROCESS_TITLE)
-    # Ctrl-C reaches the whole process group; the front end decides when the core stops.
+    _die_with_parent()
+    parent = multiprocessing.parent_process()
+    if parent is not None and not parent.is_alive():
+        return  # the parent died before prctl took effect
+    # Ctrl-C and `kill -TERM -PGID` (systemd, docker) reach the whole process group; the front
+    # end drains first and then stops the core itself, so both are ignored here.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if not logging.getLogger().handlers:
         logging.basicConfig(
             level=logging.INFO, format=f"%(asctime)s {PROCESS_TITLE} %(levelname)s %(message)s"
@@ -94,13 +140,12 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> 
     outputs = ctx.socket(zmq.PUSH)
     for sock in (inputs, outputs):
         sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, 0)  # never drop or block on a slow front end
-        sock.setsockopt(zmq.RCVHWM, 0)
+    inputs.setsockopt(zmq.RCVHWM, INPUT_HWM)
+    outputs.setsockopt(zmq.SNDHWM, OUTPUT_HWM)  # PUSH blocks past it: back-pressure, no loss
     inputs.bind(input_addr)
     outputs.connect(output_addr)
     encoder = msgspec.msgpack.Encoder()
     decoder = msgspec.msgpack.Decoder(CoreInput)
-    parent = multiprocessing.parent_process()
 
     def get_inputs(timeout: float) -> list[CoreInput]:
         if not inputs.poll(int(timeout * 1000)):
@@ -118,6 +163,8 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> 
             get_inputs,
             lambda out: outputs.send(encoder.encode(out)),
             lambda: parent is None or parent.is_alive(),
+            FaultInjector.from_env(),
+            outputs.send,
         )
     except Exception:
         logger.exception("engine core failed; exiting so the front end restarts it")

@@ -44,7 +44,7 @@ class LLMEngine:
     ) -> None:
         """Validate and queue a request; bad input raises InvalidRequestError."""
         text, token_ids = self.encode_prompt(prompt)
-        check_request_fits(len(token_ids), params.max_tokens, self.limits)
+        check_request_fits(token_ids, params.max_tokens, self.limits)
         for core_req in self.processor.add_request(req_id, text, token_ids, params, priority):
             self.core.add_request(core_req)
 

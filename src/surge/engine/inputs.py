@@ -17,9 +17,13 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str | list[int]) -> tuple[str | 
 
 
 def check_request_fits(
-    num_prompt_tokens: int, max_tokens: int | None, limits: EngineLimits
+    prompt_token_ids: list[int], max_tokens: int | None, limits: EngineLimits
 ) -> None:
     """Reject what the engine could never finish: raise InvalidRequestError stating the limits."""
+    num_prompt_tokens = len(prompt_token_ids)
+    vocab = limits.vocab_size
+    if vocab and any(not 0 <= t < vocab for t in prompt_token_ids):
+        raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
     if num_prompt_tokens == 0:
         raise InvalidRequestError("the prompt is empty", param="prompt")
     if num_prompt_tokens >= limits.max_model_len:

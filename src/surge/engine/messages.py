@@ -56,6 +56,7 @@ class EngineCoreReady(msgspec.Struct, frozen=True, array_like=True, tag=True):
     block_size: int
     max_model_len: int
     eos_token_ids: list[int]
+    vocab_size: int
 
 
 class EngineCoreShutdown(msgspec.Struct, frozen=True, array_like=True, tag=True):

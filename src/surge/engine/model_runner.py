@@ -82,6 +82,7 @@ class ModelRunner:
             block_size=config.block_size,
             max_model_len=max_model_len,
             eos_token_ids=eos_token_ids,
+            vocab_size=int(self.model.vocab_size),
         )
         self.sampler = Sampler(kernels.argmax if kernels is not None else None)
         self._generators: dict[str, torch.Generator] = {}

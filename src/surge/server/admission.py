@@ -86,6 +86,13 @@ class Ticket:
     released: bool = False
     queue_time: float | None = None  # arrival -> first scheduled, when the engine reports it
     itl: list[float] = field(default_factory=list)
+    aborted_for: str | None = None  # set by the reaper: a timeout code, or "client_stalled"
+
+    def timeout(self) -> RequestTimeout:
+        """The error of a deadline that passed (aborted_for names which)."""
+        code = self.aborted_for or "request_timeout"
+        start = self.queue_deadline if code == "queue_timeout" else self.deadline
+        return RequestTimeout(code, (start or self.arrival) - self.arrival)
 
     def next_deadline(self) -> tuple[float | None, str]:
         """The earliest deadline still ahead, and its timeout code."""

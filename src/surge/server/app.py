@@ -1,4 +1,4 @@
-"""The app factory: routes, error handlers, body limit, lifespan (start the engine, drain, stop)."""
+"""The app factory: routes, error handlers, middleware, lifespan (start the engine, drain, stop)."""
 
 from __future__ import annotations
 
@@ -15,18 +15,26 @@ from types import FrameType
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from surge.config import EngineConfig, ServerConfig
-from surge.engine.async_engine import AsyncEngine, EngineDeadError
+from surge.engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError
 from surge.engine.request import InvalidRequestError
 from surge.server.admission import Admission
 from surge.server.auth import KeyStore
 from surge.server.metrics import Metrics
+from surge.server.middleware import (
+    BodyLimitMiddleware,
+    HostGuardMiddleware,
+    KeyCheckMiddleware,
+    default_allowed_hosts,
+    error_response,
+)
 from surge.server.openai import router
 from surge.server.protocol import APIError
+from surge.server.reaper import reap_forever
 from surge.server.state import ServerState, StateDep
 
 logger = logging.getLogger(__name__)
@@ -36,21 +44,48 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig) -> Fast
     """A FastAPI app that starts its own AsyncEngine in the lifespan."""
     keys = KeyStore.from_config(server_config)  # a bad keys file fails here, before any loading
     holder: dict[str, ServerState] = {}
-    metrics = Metrics(lambda: holder["state"].engine.stats if holder["state"].engine else None)
+    metrics = Metrics(lambda: holder["state"].engine)
     admission = Admission(server_config, engine_config.max_num_seqs, metrics)
     state = ServerState(engine_config, server_config, keys, metrics, admission)
     holder["state"] = state
-    app = FastAPI(title="surge", lifespan=_lifespan)
+    docs = server_config.enable_docs
+    app = FastAPI(
+        title="surge",
+        lifespan=_lifespan,
+        docs_url="/docs" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+        redoc_url=None,
+    )
     app.state.surge = state
     app.include_router(router)
     app.add_api_route("/health", health, methods=["GET"], operation_id="health")
     app.add_api_route("/ready", ready, methods=["GET"], operation_id="ready")
     app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], operation_id="metrics")
     _add_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=server_config.max_body_bytes)
+    _add_middleware(app, state)
     if keys.is_open:
         logger.info("no API key configured: the API is open")
     return app
+
+
+def _add_middleware(app: FastAPI, state: ServerState) -> None:
+    """Outermost last: Host guard, CORS, key + rate check, body limit (see middleware.py)."""
+    config = state.config
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
+    app.add_middleware(KeyCheckMiddleware, keys=state.keys, check_limits=state.admission.check_key)
+    if config.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(config.cors_origins),
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    allowed = config.allowed_hosts
+    if allowed is None:
+        allowed = default_allowed_hosts(config.host, state.keys.is_open)
+    if allowed is not None:
+        logger.info("accepting Host headers: %s", ", ".join(allowed))
+        app.add_middleware(HostGuardMiddleware, allowed=allowed)
 
 
 @asynccontextmanager
@@ -58,20 +93,24 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Load the engine in the background so /health answers while the model loads."""
     state: ServerState = app.state.surge
     task = asyncio.create_task(_start_engine(state), name="surge-engine-start")
+    reaper = asyncio.create_task(reap_forever(state), name="surge-reaper")
     try:
         yield
     finally:
         state.admission.draining = True
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        for t in (task, reaper):
+            if not t.done():
+                t.cancel()
+        await asyncio.gather(task, reaper, return_exceptions=True)
         if state.engine is not None:
             await state.engine.shutdown()
 
 
 async def _start_engine(state: ServerState) -> None:
     try:
-        state.engine = await AsyncEngine.create(state.engine_config, multiprocess=True)
+        state.engine = await AsyncEngine.create(
+            state.engine_config, multiprocess=True, supervisor=state.config.supervisor
+        )
     except Exception as e:  # noqa: BLE001 - a server without a model is of no use: exit
         logger.exception("the engine failed to start")
         state.startup_error = str(e)
@@ -85,17 +124,27 @@ async def _start_engine(state: ServerState) -> None:
     )
 
 
-async def health() -> dict[str, str]:
-    """The process is alive (says nothing about the engine)."""
-    return {"status": "ok"}
+async def health(state: StateDep) -> JSONResponse:
+    """The process is alive: 200, with the engine's restarts and last failure if any; 503 once
+    the engine crashed too often to be restarted (the process can't serve: restart it)."""
+    engine = state.engine
+    body: dict[str, object] = {"status": "ok"}
+    if engine is not None:
+        body.update(engine_restarts=engine.num_restarts, last_engine_failure=engine.last_failure)
+        if engine.breaker_open:
+            body["status"] = "failed"
+            body["reason"] = (
+                f"the engine crashed too often and is not restarted: {engine.last_failure}"
+            )
+            return JSONResponse(body, status_code=503)
+    return JSONResponse(body)
 
 
 async def ready(state: StateDep) -> JSONResponse:
     """200 when the engine is loaded and alive and the server accepts requests, else 503."""
     if state.is_ready:
         return JSONResponse({"status": "ready"})
-    reason = "draining" if state.draining else "engine not ready"
-    return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
+    return JSONResponse({"status": "not ready", "reason": state.not_ready_reason}, status_code=503)
 
 
 async def metrics_endpoint(state: StateDep) -> Response:
@@ -106,7 +155,36 @@ async def metrics_endpoint(state: StateDep) -> Response:
 def _error(
     status: int, message: str, type: str, param: str | None = None, code: str | None = None
 ) -> JSONResponse:
-    return JSONResponse(APIError(status, message, type, param, code).body(), status_code=status)
+    return error_response(APIError(status, message, type, param, code))
+
+
+# pydantic error types that only say "not this union member"; another error says more
+_TYPE_MISMATCH = {
+    "string_type",
+    "int_type",
+    "list_type",
+    "dict_type",
+    "model_type",
+    "bool_type",
+    "float_type",
+    "int_from_float",
+    "literal_error",
+}
+
+
+def _validation_response(exc: RequestValidationError) -> JSONResponse:
+    """400 naming the parameter of the most telling error (not a union's type mismatch)."""
+    errors = list(exc.errors())
+    err = next((e for e in errors if e.get("type") not in _TYPE_MISMATCH), None)
+    err = err or (errors[0] if errors else {})
+    if err.get("type") == "json_invalid":
+        detail = err.get("ctx", {}).get("error", "")
+        return _error(400, f"the body is not valid JSON: {detail}", "invalid_request_error")
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    # a union member's type name in loc (e.g. "list[TextPart]") is noise for the user
+    param = ".".join(p for p in loc if not any(c in p for c in "[]()")) or None
+    message = str(err.get("msg", "invalid value"))
+    return _error(400, f"{param or 'body'}: {message}", "invalid_request_error", param)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -114,7 +192,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
+        return error_response(exc)
 
     @app.exception_handler(InvalidRequestError)
     async def invalid_request(request: Request, exc: InvalidRequestError) -> JSONResponse:
@@ -126,82 +204,24 @@ def _add_error_handlers(app: FastAPI) -> None:
             503, f"the engine is not running: {exc}", "service_unavailable", code="engine_dead"
         )
 
+    @app.exception_handler(EngineOverloadedError)
+    async def engine_overloaded(request: Request, exc: EngineOverloadedError) -> JSONResponse:
+        return _error(503, str(exc), "service_unavailable", code="engine_overloaded")
+
     @app.exception_handler(RequestValidationError)
     async def validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        err = exc.errors()[0] if exc.errors() else {}
-        if err.get("type") == "json_invalid":
-            return _error(
-                400,
-                f"the body is not valid JSON: {err.get('ctx', {}).get('error', '')}",
-                "invalid_request_error",
-            )
-        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-        # a union member's type name in loc (e.g. "list[TextPart]") is noise for the user
-        param = ".".join(p for p in loc if not any(c in p for c in "[]()")) or None
-        return _error(
-            400,
-            f"{param or 'body'}: {err.get('msg', 'invalid value')}",
-            "invalid_request_error",
-            param,
-        )
+        return _validation_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return _error(exc.status_code, str(exc.detail), kind)
 
-
-class BodyLimitMiddleware:
-    """413 for a request body over `max_bytes` (by Content-Length, or counted as it streams in)."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = dict(scope["headers"])
-        length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            await self._too_large(scope, receive, send)
-            return
-        # read the body up front (the routes read it whole anyway) so a chunked upload is counted
-        chunks: list[bytes] = []
-        size, more = 0, True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                break
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            more = message.get("more_body", False)
-            if size > self.max_bytes:
-                await self._too_large(scope, receive, send)
-                return
-        await self.app(scope, _replay(b"".join(chunks), receive), send)
-
-    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = _error(
-            413, f"the request body is larger than {self.max_bytes} bytes", "invalid_request_error"
-        )
-        response.headers["Connection"] = "close"
-        await response(scope, receive, send)
-
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """A receive that gives the buffered body once, then the server's (for disconnects)."""
-    sent = False
-
-    async def wrapped() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return wrapped
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        # never Starlette's plain-text 500: log it, answer OpenAI's body
+        logger.error("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
+        return _error(500, f"internal error: {type(exc).__name__}", "server_error")
 
 
 class _DrainingServer(uvicorn.Server):
@@ -256,6 +276,8 @@ def run_server(engine_config: EngineConfig, server_config: ServerConfig) -> int:
         port=server_config.port,
         access_log=False,  # one line per request comes from surge.server.requests instead
         timeout_graceful_shutdown=5,
+        limit_concurrency=server_config.max_connections,
+        timeout_keep_alive=server_config.timeout_keep_alive,
         log_config=None,  # keep the CLI's logging set-up
     )
     _DrainingServer(config, app.state.surge).run()

@@ -10,6 +10,10 @@ object with per-key settings (every field optional except one of `key` / `sha256
 `sha256` lets the file hold no plain key at all. Fields left out take the server's defaults
 (`--rate-limit-rpm`, `--rate-limit-tpm`, `--max-concurrent-per-key`, priority 0).
 No key configured = the API is open, as in vLLM; every caller is then the key "anonymous".
+A value of the wrong type, or a limit that is zero or negative, fails start-up naming the line.
+
+A request's `priority` may be equal to or worse (higher) than its key's, never better: a key
+can't jump the queue it was given.
 """
 
 from __future__ import annotations
@@ -62,9 +66,7 @@ class KeyStore:
             max_concurrent=config.max_concurrent_per_key,
             priority=config.default_priority,
         )
-        entries = [
-            (hash_key(k), _with_name(defaults, f"key-{hash_key(k)[:8]}")) for k in config.api_keys
-        ]
+        entries = [(h, _with_name(defaults, f"key-{h[:8]}")) for h in config.api_key_hashes]
         if config.api_keys_file:
             text = Path(config.api_keys_file).read_text()
             for lineno, line in enumerate(text.splitlines(), 1):
@@ -107,15 +109,47 @@ def _parse_line(line: str, defaults: KeyInfo, where: str) -> tuple[str, KeyInfo]
         return hash_key(line), _with_name(defaults, f"key-{hash_key(line)[:8]}")
     try:
         obj = json.loads(line)
-        digest = obj["sha256"].lower() if "sha256" in obj else hash_key(obj["key"])
-        bytes.fromhex(digest)
+        if not isinstance(obj, dict):
+            raise ValueError("not a JSON object")
+        unknown = set(obj) - _FIELDS
+        if unknown:
+            raise ValueError(f"unknown fields {sorted(unknown)}")
+        if ("sha256" in obj) == ("key" in obj):
+            raise ValueError("give exactly one of 'key' and 'sha256'")
+        secret = obj.get("sha256", obj.get("key"))
+        if not isinstance(secret, str) or not secret:
+            raise ValueError("'key'/'sha256' must be a non-empty string")
+        digest = secret.lower() if "sha256" in obj else hash_key(secret)
+        if len(digest) != 64 or len(bytes.fromhex(digest)) != 32:
+            raise ValueError("'sha256' must be 64 hex digits")
+        name = obj.get("name", f"key-{digest[:8]}")
+        if not isinstance(name, str) or not name:
+            raise ValueError("'name' must be a non-empty string")
+        priority = obj.get("priority", defaults.priority)
+        if not _is_int(priority):
+            raise ValueError("'priority' must be an integer")
         info = KeyInfo(
-            name=str(obj.get("name", f"key-{digest[:8]}")),
-            rpm=obj.get("rpm", defaults.rpm),
-            tpm=obj.get("tpm", defaults.tpm),
-            max_concurrent=obj.get("max_concurrent", defaults.max_concurrent),
-            priority=int(obj.get("priority", defaults.priority)),
+            name=name,
+            rpm=_limit(obj, "rpm", defaults.rpm),
+            tpm=_limit(obj, "tpm", defaults.tpm),
+            max_concurrent=_limit(obj, "max_concurrent", defaults.max_concurrent),
+            priority=priority,
         )
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"{where}: bad API key entry ({e})") from e
+    except ValueError as e:
+        raise ValueError(f"{where}: bad API key entry: {e}") from e
     return digest, info
+
+
+_FIELDS = {"key", "sha256", "name", "rpm", "tpm", "max_concurrent", "priority"}
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _limit(obj: dict[str, object], field: str, default: int | None) -> int | None:
+    """A per-key limit: a positive integer, or null for unlimited."""
+    value = obj.get(field, default)
+    if value is not None and not (_is_int(value) and value > 0):  # type: ignore[operator]
+        raise ValueError(f"{field!r} must be a positive integer or null, got {value!r}")
+    return value  # type: ignore[return-value]

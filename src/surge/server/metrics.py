@@ -10,7 +10,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from surge.engine.async_engine import EngineStats
+    from surge.engine.async_engine import AsyncEngine
 
 _TTFT_BUCKETS = (
     0.005,
@@ -75,11 +75,16 @@ _E2E_BUCKETS = (
 class _EngineStatsCollector(Collector):
     """Reads the engine's load at scrape time, so the gauges are never stale."""
 
-    def __init__(self, get_stats: Callable[[], EngineStats | None]) -> None:
-        self._get_stats = get_stats
+    def __init__(self, get_engine: Callable[[], AsyncEngine | None]) -> None:
+        self._get_engine = get_engine
 
     def collect(self) -> Iterator[Metric]:
-        stats = self._get_stats()
+        engine = self._get_engine()
+        stats = engine.stats if engine is not None else None
+        restarts = engine.num_restarts if engine is not None else 0
+        yield CounterMetricFamily(
+            "surge:engine_restarts", "Engine core restarts after a crash or stall.", restarts
+        )
         running = stats.num_running if stats else 0
         waiting = stats.num_waiting if stats else 0
         usage = stats.kv_cache_usage if stats else 0.0
@@ -103,9 +108,9 @@ class _EngineStatsCollector(Collector):
 class Metrics:
     """Every metric of one app; the server updates them as requests go."""
 
-    def __init__(self, get_stats: Callable[[], EngineStats | None]) -> None:
+    def __init__(self, get_engine: Callable[[], AsyncEngine | None]) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(_EngineStatsCollector(get_stats))
+        self.registry.register(_EngineStatsCollector(get_engine))
         r = self.registry
         self.prompt_tokens = Counter("surge:prompt_tokens", "Prompt tokens processed.", registry=r)
         self.generation_tokens = Counter("surge:generation_tokens", "Tokens generated.", registry=r)
@@ -113,6 +118,12 @@ class Metrics:
             "surge:request_success",
             "Finished requests by finish reason.",
             ["finished_reason"],
+            registry=r,
+        )
+        self.request_aborted = Counter(
+            "surge:request_aborted",
+            "Requests the server aborted: client stopped reading, deadline passed.",
+            ["reason"],
             registry=r,
         )
         self.request_rejected = Counter(

@@ -6,11 +6,13 @@ import asyncio
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from surge.engine.async_engine import AsyncEngine
 from surge.engine.inputs import check_request_fits
 from surge.engine.outputs import RequestOutput
 from surge.engine.request import SamplingParams
@@ -24,12 +26,14 @@ from surge.server.protocol import (
     ModelCard,
     ModelList,
     TokenizeRequest,
+    template_messages,
 )
 from surge.server.responses import Renderer
 from surge.server.state import KeyDep, ServerState, StateDep
 from surge.server.streaming import engine_outputs, stream_sse
 
 router = APIRouter()
+_T = TypeVar("_T")
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -43,10 +47,7 @@ async def create_chat_completion(
     engine = state.ready_engine()
     state.check_model(body.model)
     params = body.to_sampling_params()
-    try:
-        prompt_ids = engine.tokenizer.apply_chat_template(body.template_messages())
-    except ValueError as e:  # no chat template, or one that refuses these messages
-        raise APIError(400, str(e), param="messages") from e
+    prompt_ids = await _chat_prompt_ids(engine, body.template_messages())
     renderer = Renderer(
         "chat",
         f"chatcmpl-{uuid.uuid4().hex}",
@@ -69,7 +70,10 @@ async def create_completion(
     engine = state.ready_engine()
     state.check_model(body.model)
     params = body.to_sampling_params()
-    text, prompt_ids = engine.encode_prompt(body.single_prompt())
+    text, prompt_ids = await _off_loop_if_large(
+        _text_size(body.single_prompt()), engine.encode_prompt, body.single_prompt()
+    )
+    check_request_fits(prompt_ids, params.max_tokens, engine.limits)  # before echo decodes them
     echo = (
         "" if not body.echo else (text if text is not None else engine.tokenizer.decode(prompt_ids))
     )
@@ -101,13 +105,11 @@ async def tokenize(body: TokenizeRequest, state: StateDep, key: KeyDep) -> dict[
     state.check_model(body.model)
     tok = engine.tokenizer
     if body.messages is not None:
-        messages = ChatCompletionRequest(messages=body.messages).template_messages()
-        try:
-            tokens = tok.apply_chat_template(messages)
-        except ValueError as e:
-            raise APIError(400, str(e), param="messages") from e
+        tokens = await _chat_prompt_ids(engine, template_messages(body.messages))
     elif body.prompt is not None:
-        tokens = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        tokens = await _off_loop_if_large(
+            len(body.prompt), tok.encode, body.prompt, add_special_tokens=body.add_special_tokens
+        )
     else:
         raise APIError(400, "give either prompt or messages", param="prompt")
     return {"count": len(tokens), "max_model_len": engine.limits.max_model_len, "tokens": tokens}
@@ -139,7 +141,16 @@ async def _generate(
     """Admit, run and answer one generation request (an SSE stream or one JSON body)."""
     engine = state.ready_engine()
     # a request the engine could never finish is a 400 now, not a failure after it was queued
-    check_request_fits(len(prompt_ids), params.max_tokens, engine.limits)
+    check_request_fits(prompt_ids, params.max_tokens, engine.limits)
+    _check_priority(priority, key)
+    most = state.admission.max_num_seqs + state.config.max_queue
+    if params.n > most:
+        raise APIError(
+            400,
+            f"n={params.n} can never be admitted: this server runs and queues {most} sequences "
+            "at most",
+            param="n",
+        )
     ticket = state.admission.admit(
         renderer.req_id, key, len(prompt_ids), params.n, priority, arrival
     )
@@ -160,6 +171,47 @@ async def _generate(
     return JSONResponse(renderer.response(last))
 
 
+def _check_priority(priority: int | None, key: KeyInfo) -> None:
+    """A request may ask for its key's priority or a worse (higher) one, never a better one."""
+    if priority is not None and priority < key.priority:
+        raise APIError(
+            400,
+            f"priority {priority} is better than this API key's ({key.priority}); "
+            "lower values run first, and a request may not go below its key's",
+            param="priority",
+        )
+
+
+# Above this many characters, tokenizing (and chat templating) runs on a worker thread so one
+# large prompt doesn't stall every other user's stream on the event loop.
+OFF_LOOP_CHARS = 16_384
+
+
+def _text_size(prompt: str | list[int]) -> int:
+    return len(prompt) if isinstance(prompt, str) else 0
+
+
+async def _off_loop_if_large(
+    size: int, fn: Callable[..., _T], /, *args: object, **kwargs: object
+) -> _T:
+    if size > OFF_LOOP_CHARS:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+    return fn(*args, **kwargs)
+
+
+async def _chat_prompt_ids(engine: AsyncEngine, messages: list[dict[str, str]]) -> list[int]:
+    """The chat template's token ids; 400 if the template refuses these messages."""
+    size = sum(len(m["content"]) for m in messages)
+    try:
+        return await _off_loop_if_large(size, engine.tokenizer.apply_chat_template, messages)
+    except ValueError as e:  # no chat template, or one that refuses these messages
+        raise APIError(400, str(e), param="messages") from e
+    except Exception as e:  # noqa: BLE001 - a template that raises on odd input is the input's fault
+        raise APIError(
+            400, f"the chat template failed on these messages: {e}", param="messages"
+        ) from e
+
+
 async def _collect(outputs: AsyncIterator[RequestOutput | None], ticket: Ticket) -> RequestOutput:
     """The final output of a non-streaming request; APIError if it failed."""
     last: RequestOutput | None = None
@@ -168,6 +220,8 @@ async def _collect(outputs: AsyncIterator[RequestOutput | None], ticket: Ticket)
             last = out
     if last is None or not last.finished:
         ticket.outcome = "abort"
+        if ticket.aborted_for in ("queue_timeout", "request_timeout"):
+            raise ticket.timeout()
         raise APIError(
             503, "the request was aborted (server shutting down)", type="service_unavailable"
         )

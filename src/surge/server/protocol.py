@@ -3,17 +3,44 @@
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from surge.engine.request import InvalidRequestError, SamplingParams
 
+# Documented caps on what one request may ask for (README "Limits"). Each keeps the cost of a
+# request's bookkeeping bounded: stop strings are matched against every new token's text.
+MAX_N = 128  # OpenAI's own cap on `n`
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 256
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+SEED_MAX = 2**64 - 1  # torch generators take seeds up to 2^64 - 1
+
+
+def _utf8(value: str) -> str:
+    """Refuse text that can't be UTF-8 (a lone surrogate such as "\ud800" from JSON)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"text must be valid Unicode: lone surrogate at character {e.start}"
+        ) from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_utf8)]
+Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+TokenId = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
+StopString = Annotated[Text, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
+StopList = Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
+
 
 class OpenAIBaseModel(BaseModel):
-    """Unknown fields are ignored, as OpenAI's API does."""
+    """Unknown fields are ignored, as OpenAI's API does; NaN and infinities are refused."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class ErrorInfo(OpenAIBaseModel):
@@ -56,13 +83,13 @@ class StreamOptions(OpenAIBaseModel):
 
 class TextPart(OpenAIBaseModel):
     type: Literal["text"] = "text"
-    text: str
+    text: Text
 
 
 class ChatMessage(OpenAIBaseModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: Text | list[TextPart] | None = None
+    name: Text | None = None
 
     def text(self) -> str:
         """The content as one string (text parts joined)."""
@@ -76,25 +103,25 @@ class ChatMessage(OpenAIBaseModel):
 class _SamplingFields(OpenAIBaseModel):
     """Fields common to both generation endpoints; names as OpenAI's and vLLM's extras."""
 
-    model: str | None = None
-    max_tokens: int | None = None
+    model: Text | None = None
+    max_tokens: Int64 | None = None
     temperature: float = 1.0
     top_p: float = 1.0
-    n: int = 1
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    stop: StopString | StopList | None = None
+    seed: Annotated[int, Field(ge=INT64_MIN, le=SEED_MAX)] | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
+    user: Text | None = None
     # vLLM extras
-    top_k: int = 0
+    top_k: Int64 = 0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     ignore_eos: bool = False
-    priority: int | None = None  # None = the API key's default priority
-    stop_token_ids: list[int] = Field(default_factory=list)
+    priority: Int64 | None = None  # None = the API key's priority; never better than it
+    stop_token_ids: list[TokenId] = Field(default_factory=list, max_length=MAX_STOP_TOKEN_IDS)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
 
@@ -104,6 +131,11 @@ class _SamplingFields(OpenAIBaseModel):
 
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """SamplingParams.validate() raises InvalidRequestError naming the bad field."""
+        if self.seed is not None and self.seed + self.n - 1 > SEED_MAX:
+            # choice i is seeded with seed + i: refuse now, not after the first choice was sent
+            raise InvalidRequestError(
+                f"seed + n - 1 must be at most {SEED_MAX} (choice i uses seed + i)", param="seed"
+            )
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return SamplingParams(
             n=self.n,
@@ -129,9 +161,9 @@ class ChatCompletionRequest(_SamplingFields):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
+    max_completion_tokens: Int64 | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: Int64 | None = None
 
     def to_sampling_params(self) -> SamplingParams:
         """The engine's SamplingParams; max_tokens None = up to the model's context."""
@@ -149,18 +181,23 @@ class ChatCompletionRequest(_SamplingFields):
 
     def template_messages(self) -> list[dict[str, str]]:
         """Messages as the chat template takes them (`developer` is OpenAI's new `system`)."""
-        return [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-            for m in self.messages
-        ]
+        return template_messages(self.messages)
+
+
+def template_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """Messages as the chat template takes them (`developer` is OpenAI's new `system`)."""
+    return [
+        {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+        for m in messages
+    ]
 
 
 class CompletionRequest(_SamplingFields):
     """POST /v1/completions: one prompt (text or token ids) per request."""
 
-    prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = 16  # OpenAI's default for completions
-    logprobs: int | None = None
+    prompt: Text | list[TokenId] | list[Text] | list[list[TokenId]]
+    max_tokens: Int64 | None = 16  # OpenAI's default for completions
+    logprobs: Int64 | None = None
     echo: bool = False
 
     def to_sampling_params(self) -> SamplingParams:
@@ -179,15 +216,15 @@ class CompletionRequest(_SamplingFields):
 class TokenizeRequest(OpenAIBaseModel):
     """POST /tokenize: a prompt, or chat messages rendered with the chat template."""
 
-    model: str | None = None
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    model: Text | None = None
+    prompt: Text | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     add_special_tokens: bool = True
 
 
 class DetokenizeRequest(OpenAIBaseModel):
-    model: str | None = None
-    tokens: list[int]
+    model: Text | None = None
+    tokens: list[TokenId]
 
 
 class UsageInfo(OpenAIBaseModel):

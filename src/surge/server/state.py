@@ -12,6 +12,7 @@ from surge.engine.async_engine import AsyncEngine
 from surge.server.admission import Admission
 from surge.server.auth import KeyInfo, KeyStore
 from surge.server.metrics import Metrics
+from surge.server.middleware import KEY_SCOPE
 from surge.server.protocol import APIError
 
 
@@ -38,6 +39,17 @@ class ServerState:
         return self.engine is not None and self.engine.is_ready and not self.draining
 
     @property
+    def not_ready_reason(self) -> str:
+        """Why /ready says 503."""
+        if self.draining:
+            return "draining"
+        if self.engine is not None and self.engine.breaker_open:
+            return f"engine failed and is not restarted: {self.engine.last_failure}"
+        if self.engine is not None:
+            return f"engine restarting after: {self.engine.last_failure}"
+        return "engine loading"
+
+    @property
     def model_name(self) -> str:
         """The name clients use (`--served-model-name`, else the engine's)."""
         if self.config.served_model_name:
@@ -48,6 +60,8 @@ class ServerState:
         """The engine, or a 503 while it loads, restarts or the server drains."""
         if self.draining:
             raise self.admission.reject(503, "draining", "the server is shutting down")
+        if self.engine is not None and self.engine.breaker_open:
+            raise self.admission.reject(503, "engine_failed", self.not_ready_reason)
         if self.engine is None or not self.engine.is_ready:
             raise self.admission.reject(
                 503,
@@ -79,7 +93,11 @@ StateDep = Annotated[ServerState, Depends(get_state)]
 
 
 def get_key(request: Request, state: StateDep) -> KeyInfo:
-    """The caller's key (401 if one is required and missing or wrong)."""
+    """The caller's key, as KeyCheckMiddleware found it before the body was read (401 if one is
+    required and missing or wrong)."""
+    key = request.scope.get(KEY_SCOPE)
+    if isinstance(key, KeyInfo):
+        return key
     return state.keys.authenticate(request.headers.get("authorization"))
 
 

@@ -10,15 +10,16 @@ from collections.abc import AsyncIterator
 
 import anyio
 
-from surge.engine.async_engine import AsyncEngine, EngineDeadError
+from surge.engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError
 from surge.engine.outputs import RequestOutput
 from surge.engine.request import InvalidRequestError, SamplingParams
-from surge.server.admission import Admission, RequestTimeout, Ticket
+from surge.server.admission import Admission, Ticket
 from surge.server.protocol import APIError
 from surge.server.responses import Renderer
 
 logger = logging.getLogger(__name__)
 
+_TIMEOUT_CODES = ("queue_timeout", "request_timeout")
 KEEPALIVE = ": keep-alive\n\n"
 DONE = "data: [DONE]\n\n"
 
@@ -67,13 +68,15 @@ async def engine_outputs(
                 pending = None
                 ticket.on_output(out)
                 finished = out.finished
+                if finished and ticket.aborted_for in _TIMEOUT_CODES:
+                    raise ticket.timeout()  # the reaper saw the deadline first
                 yield out
                 if finished:
                     return
             elif deadline is not None and time.monotonic() >= deadline:
                 ticket.outcome = "timeout"
-                start = ticket.queue_deadline if code == "queue_timeout" else ticket.deadline
-                raise RequestTimeout(code, (start or deadline) - ticket.arrival)
+                ticket.aborted_for = code
+                raise ticket.timeout()
             else:
                 yield None
     finally:
@@ -141,7 +144,7 @@ async def stream_sse(
     except APIError as e:  # a deadline, or the engine refusing input after the stream began
         yield sse(e.body())
         yield DONE
-    except EngineDeadError as e:
+    except (EngineDeadError, EngineOverloadedError) as e:
         ticket.outcome = "error"
         yield sse(
             APIError(

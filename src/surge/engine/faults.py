@@ -1,0 +1,58 @@
+"""Fault injection for the reliability tests: make a core hang, crash or send garbage on cue.
+
+Off unless `$SURGE_TEST_FAULTS` is set when the core starts (the tests set it on the server they
+start). It holds JSON mapping a fault to a prompt prefix of token ids, e.g.
+`{"hang": [7, 7, 7, 7]}`: the core step after a request whose prompt starts with that prefix
+arrives never returns (a busy loop), `"crash"` exits the core process at once, `"garbage"` sends
+bytes the front end can't decode. A normal prompt never starts with such a run of ids.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+logger = logging.getLogger(__name__)
+
+FAULTS_ENV = "SURGE_TEST_FAULTS"
+FAULT_KINDS = ("hang", "crash", "garbage")
+
+
+@dataclass(slots=True)
+class FaultInjector:
+    """The faults armed for this core, and the one (if any) triggered by the latest input."""
+
+    triggers: dict[str, list[int]] = field(default_factory=dict)
+    pending: str | None = None
+
+    @classmethod
+    def from_env(cls) -> FaultInjector:
+        raw = os.environ.get(FAULTS_ENV)
+        if not raw:
+            return cls()
+        triggers = {k: [int(t) for t in v] for k, v in json.loads(raw).items()}
+        unknown = set(triggers) - set(FAULT_KINDS)
+        if unknown:
+            raise ValueError(f"{FAULTS_ENV}: unknown faults {sorted(unknown)}")
+        logger.warning("fault injection armed: %s", sorted(triggers))
+        return cls(triggers)
+
+    def on_request(self, prompt_token_ids: list[int]) -> None:
+        """Arm the fault whose trigger prefix this prompt starts with."""
+        for kind, prefix in self.triggers.items():
+            if prefix and prompt_token_ids[: len(prefix)] == prefix:
+                logger.warning("fault %r triggered", kind)
+                self.pending = kind
+
+    def take(self) -> str | None:
+        kind, self.pending = self.pending, None
+        return kind
+
+
+def hang_forever() -> None:
+    """A step that never returns: what a deadlock or a kernel stuck in a loop looks like."""
+    while True:
+        time.sleep(0.5)
