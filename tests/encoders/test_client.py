@@ -150,7 +150,10 @@ def test_bad_input_shapes(embedder: EncoderClient, loop_thread: LoopThread) -> N
         loop_thread.run(embedder.embed(["text", [1, 2]]))  # type: ignore[list-item]
     with pytest.raises(EncoderRequestError, match="empty list of token ids"):
         loop_thread.run(embedder.embed([[]]))
+    with pytest.raises(EncoderRequestError, match="cannot be encoded"):
+        loop_thread.run(embedder.embed([[2**70]]))
     assert loop_thread.run(embedder.embed([])).embeddings.shape == (0, 32)
+    assert embedder.num_in_flight == 0
 
 
 def test_cancelled_call_leaves_nothing_pending(

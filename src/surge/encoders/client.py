@@ -96,8 +96,8 @@ class EncoderStats:
 class EncoderClient:
     """One encoder model in its own process ("spawn"); many concurrent callers, batched there.
 
-    Create with `await EncoderClient.start(config)`; as with any "spawn" start, a script that
-    does so needs an `if __name__ == "__main__":` guard.
+    Create with `await EncoderClient.start(config)` and use from that event loop only; as with
+    any "spawn" start, a script that does so needs an `if __name__ == "__main__":` guard.
     """
 
     def __init__(self, config: EncoderConfig) -> None:
@@ -165,17 +165,16 @@ class EncoderClient:
     ) -> EmbedResult:
         """Embed texts, or token-id lists taken as the whole model input (specials included)."""
         if not inputs:
-            dim = self.info.dim if self.info is not None and self.info.dim else 0
+            dim = (self.info.dim if self.info is not None else None) or 0
             return EmbedResult(np.zeros((0, dim), dtype=np.float32), 0)
-        if all(isinstance(x, str) for x in inputs):
-            texts: list[str] | None = list(inputs)  # type: ignore[arg-type]
-            token_ids: list[list[int]] | None = None
-        elif all(isinstance(x, list) and all(type(t) is int for t in x) for x in inputs):
-            texts, token_ids = None, [list(x) for x in inputs]  # type: ignore[arg-type]
-        else:
+        texts = [x for x in inputs if isinstance(x, str)]
+        token_ids = [x for x in inputs if isinstance(x, list) and all(type(t) is int for t in x)]
+        if len(texts) != len(inputs) and len(token_ids) != len(inputs):
             raise EncoderRequestError("inputs must be all strings or all lists of token ids")
         result = await self._call(
-            lambda req_id: EncodeRequest(req_id, texts, token_ids, truncate, normalize)
+            lambda req_id: EncodeRequest(
+                req_id, texts or None, token_ids or None, truncate=truncate, normalize=normalize
+            )
         )
         array = np.frombuffer(result.embeddings, dtype=np.float32).reshape(result.shape).copy()
         return EmbedResult(array, result.num_tokens, result.token_counts, result.batch_sizes)
@@ -208,7 +207,10 @@ class EncoderClient:
         future: asyncio.Future[EncoderResult] = asyncio.get_running_loop().create_future()
         self._pending[req_id] = future
         try:
-            self._send(make(req_id))
+            try:
+                self._send(make(req_id))
+            except (msgspec.EncodeError, OverflowError) as e:  # e.g. a token id past 2**64
+                raise EncoderRequestError(f"request cannot be encoded: {e}") from e
             result = await future
         except asyncio.CancelledError:
             if not future.done() and self._dead is None and not self._closed:

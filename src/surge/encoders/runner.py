@@ -34,7 +34,10 @@ def load_st_model(config: EncoderConfig, kind: EncoderKind) -> SentenceTransform
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     from sentence_transformers import CrossEncoder, SentenceTransformer
+    from transformers.utils import logging as hf_logging
 
+    # A server's log is no place for tqdm bars (and a bar's lock would outlive a killed worker).
+    hf_logging.disable_progress_bar()
     path = str(Path(config.model))
     if kind == "embedding":
         model = SentenceTransformer(path, device=config.device, local_files_only=True)
