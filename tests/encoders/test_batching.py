@@ -63,6 +63,8 @@ class FakeRunner:
         assert isinstance(msg, EncodeRequest) and msg.token_ids is not None
         if any(len(ids) > 8 for ids in msg.token_ids):
             raise EncoderInputError("too long")
+        if [-7] in msg.token_ids:
+            raise RuntimeError("tokenizer bug")
         return [{"input_ids": ids} for ids in msg.token_ids]
 
     def count_tokens(self, texts: list[str]) -> list[int]:
@@ -146,6 +148,7 @@ def test_input_errors_and_wrong_kind_answer_at_once() -> None:
     worker.handle(RerankRequest("rerank", "q", ["d"]))
     worker.handle(EncodeRequest("neither"))
     worker.handle(EncodeRequest("empty", token_ids=[]))
+    worker.handle(EncodeRequest("crash", token_ids=[[-7]]))
     worker.handle(CountTokensRequest("count", ["a b c", "d"]))
     assert not worker.has_work()
     by_id = {r.req_id: r for r in sent}
@@ -154,6 +157,7 @@ def test_input_errors_and_wrong_kind_answer_at_once() -> None:
     assert "exactly one" in (by_id["neither"].error or "")
     assert by_id["empty"].error is None and by_id["empty"].shape == (0, 2)
     assert by_id["count"].token_counts == [3, 1]
+    assert by_id["crash"].error == "could not tokenize: tokenizer bug"
 
 
 def test_aborted_rows_never_run() -> None:

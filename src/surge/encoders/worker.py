@@ -88,7 +88,11 @@ class EncoderWorker:
     def handle(self, msg: EncoderInput) -> None:
         """Apply one input message (Shutdown is the loop's business)."""
         if isinstance(msg, CountTokensRequest):
-            counts = self.runner.count_tokens(msg.texts) if msg.texts else []
+            try:
+                counts = self.runner.count_tokens(msg.texts) if msg.texts else []
+            except Exception as e:
+                self._send_result(EncoderResult(msg.req_id, error=f"could not tokenize: {e}"))
+                return
             self._send_result(EncoderResult(msg.req_id, token_counts=counts))
         elif isinstance(msg, AbortRequest):
             for req_id in msg.req_ids:
@@ -113,6 +117,10 @@ class EncoderWorker:
             rows = self.runner.tokenize(msg)
         except EncoderInputError as e:
             self._send_result(EncoderResult(msg.req_id, error=str(e)))
+            return
+        except Exception as e:  # a tokenizer that chokes on one input must not stop the worker
+            logger.warning("request %s could not be tokenized", msg.req_id, exc_info=True)
+            self._send_result(EncoderResult(msg.req_id, error=f"could not tokenize: {e}"))
             return
         dim = self.runner.info.dim
         shape = (len(rows), dim) if dim is not None else (len(rows),)
@@ -175,9 +183,9 @@ class EncoderWorker:
     def _reply_finished(self, rows: list[QueuedRow]) -> None:
         for row in rows:
             req = row.req
-            if req.error is None and req.num_done == len(req.token_counts):
+            # `is req`: a request with several rows in this batch is answered once
+            if self.requests.get(req.req_id) is req and req.num_done == len(req.token_counts):
                 del self.requests[req.req_id]
-                req.error = "answered"  # any later row of it in this batch is skipped
                 self._reply(req)
 
     def _fail(self, req: PendingRequest, error: str) -> None:
