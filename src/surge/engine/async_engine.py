@@ -6,7 +6,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,9 +74,11 @@ class AsyncEngine:
         tokenizer: Tokenizer,
         multiprocess: bool,
         supervisor: SupervisorConfig | None = None,
+        client_factory: Callable[[EngineConfig], EngineCoreClient] | None = None,
     ) -> None:
         """Use `await AsyncEngine.create(...)`: it also starts the core."""
         self.config = config
+        self._client_factory = client_factory or (MPClient if multiprocess else InprocClient)
         self.supervisor = supervisor or SupervisorConfig()
         self.tokenizer = tokenizer
         self.model_name = model_name(config.model)
@@ -110,9 +112,13 @@ class AsyncEngine:
         files = await asyncio.to_thread(load_model_files, config.model)
         tokenizer = await asyncio.to_thread(Tokenizer.from_model_files, files)
         engine = cls(config, tokenizer, multiprocess, supervisor)
-        await engine._start_core()
-        engine._watchdog_task = asyncio.create_task(engine._watchdog(), name="surge-watchdog")
+        await engine.start()
         return engine
+
+    async def start(self) -> None:
+        """Start the core and the watchdog (create() does this)."""
+        await self._start_core()
+        self._watchdog_task = asyncio.create_task(self._watchdog(), name="surge-watchdog")
 
     # ---- state -----------------------------------------------------------------------------
 
@@ -216,9 +222,7 @@ class AsyncEngine:
 
     async def _start_core(self) -> None:
         """Start a fresh core and the task that reads its outputs."""
-        client: EngineCoreClient = (
-            MPClient(self.config) if self.multiprocess else InprocClient(self.config)
-        )
+        client = self._client_factory(self.config)
         try:
             self.limits = await client.start()
         except BaseException:
