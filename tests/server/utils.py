@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -94,13 +95,14 @@ class RemoteSurgeServer:
         )
 
     def metrics(self) -> dict[str, float]:
-        """Unlabelled samples of /metrics by name."""
+        """Samples of /metrics by name and labels, the `model` label summed over."""
         text = httpx.get(self.url("/metrics"), timeout=10).text
-        values = {}
+        values: dict[str, float] = {}
         for line in text.splitlines():
             if line and not line.startswith("#"):
                 name, _, value = line.rpartition(" ")
-                values[name] = float(value)
+                name = re.sub(r'model="[^"]*",?', "", name).replace(",}", "}").replace("{}", "")
+                values[name] = values.get(name, 0.0) + float(value)
         return values
 
     def read_log(self) -> str:

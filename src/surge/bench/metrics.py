@@ -104,11 +104,11 @@ def prefix_cache_counters(samples: dict[str, float]) -> tuple[float, float] | No
     """(hit tokens, queried tokens) from counters named like vLLM's `*:prefix_cache_hits[_total]`."""
     hits = queries = None
     for name, value in samples.items():
-        base = name.removesuffix("_total")
+        base = name.split("{", 1)[0].removesuffix("_total")  # surge labels them by model
         if base.endswith("prefix_cache_hits"):
-            hits = value
+            hits = (hits or 0.0) + value
         elif base.endswith("prefix_cache_queries"):
-            queries = value
+            queries = (queries or 0.0) + value
     return (hits, queries) if hits is not None and queries is not None else None
 
 

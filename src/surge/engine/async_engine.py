@@ -194,6 +194,15 @@ class AsyncEngine:
             self._client.finish(EngineCoreFinish(children, "abort"))  # unknown ids are ignored
         self._finish_locally([req_id], "abort", None)
 
+    async def fail(self, req_id: str, error: str) -> None:
+        """End a request with an error its client sees (e.g. its model is being unloaded)."""
+        children = self._children.get(req_id)
+        if children is None:
+            return
+        if self._client is not None and self._ready:
+            self._client.finish(EngineCoreFinish(children, "abort"))
+        self._finish_locally([req_id], "error", error)
+
     def _abort_in_core(self, req_id: str) -> None:
         live = self._processor.abort_request(req_id)
         if live and self._client is not None and self._ready:

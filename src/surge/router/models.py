@@ -91,6 +91,13 @@ class ModelRegistry:
         """Every model's snapshot, by name."""
         return {name: self.status(name) for name in self._entries}
 
+    def handle(self, name: str) -> ModelHandle | None:
+        """The running model while LOADED (or UNLOADING), else None; ModelNotFound if unknown."""
+        entry = self._get(name)
+        if entry.state in (ModelState.LOADED, ModelState.UNLOADING):
+            return entry.handle
+        return None
+
     def events(self, name: str) -> list[ModelEvent]:
         """The model's recent load log (state changes and progress), oldest first."""
         return list(self._get(name).events)

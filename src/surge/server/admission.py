@@ -14,16 +14,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from surge.config import ServerConfig
 from surge.engine.outputs import RequestOutput
 from surge.server.auth import KeyInfo
 from surge.server.metrics import Metrics
 from surge.server.protocol import APIError
+
+if TYPE_CHECKING:
+    from surge.engine.async_engine import AsyncEngine
+    from surge.router import Lease
 
 logger = logging.getLogger("surge.server.requests")
 
@@ -69,7 +76,7 @@ class _KeyState:
 
 @dataclass(slots=True)
 class Ticket:
-    """One admitted request: its key, deadlines and timings, until released."""
+    """One admitted request: its key, model, deadlines and timings, until released."""
 
     req_id: str
     key: KeyInfo
@@ -87,6 +94,9 @@ class Ticket:
     queue_time: float | None = None  # arrival -> first scheduled, when the engine reports it
     itl: list[float] = field(default_factory=list)
     aborted_for: str | None = None  # set by the reaper: a timeout code, or "client_stalled"
+    model: str = ""
+    engine: AsyncEngine | None = None  # the engine running it (the reaper and drain abort there)
+    lease: Lease | None = None  # the hold on its model, given back with the ticket
 
     def timeout(self) -> RequestTimeout:
         """The error of a deadline that passed (aborted_for names which)."""
@@ -121,13 +131,12 @@ class Ticket:
 class Admission:
     """Admits or refuses requests, and keeps what is in flight."""
 
-    def __init__(self, config: ServerConfig, max_num_seqs: int, metrics: Metrics) -> None:
+    def __init__(self, config: ServerConfig, metrics: Metrics) -> None:
         self.config = config
-        self.max_num_seqs = max_num_seqs
         self.metrics = metrics
         self.draining = False
         self.tickets: dict[str, Ticket] = {}
-        self.num_seqs_in_flight = 0
+        self.num_seqs_in_flight: dict[str, int] = {}  # by model: each has its own queue
         self._keys: dict[str, _KeyState] = {}
 
     def reject(
@@ -174,12 +183,15 @@ class Admission:
         n: int,
         priority: int | None,
         arrival: float,
+        model: str = "",
+        max_num_seqs: int = 1,
     ) -> Ticket:
         """Take the request in, or raise the APIError (429/503) that refuses it."""
         if self.draining:
             raise self.reject(503, "draining", "the server is shutting down")
         self.check_key(key)
-        waiting = self.num_seqs_in_flight + n - self.max_num_seqs
+        in_flight = self.num_seqs_in_flight.get(model, 0)
+        waiting = in_flight + n - max_num_seqs
         if waiting > self.config.max_queue:
             raise self.reject(
                 429,
@@ -204,8 +216,9 @@ class Admission:
             deadline=None if c.request_timeout is None else arrival + c.request_timeout,
             queue_deadline=None if c.queue_timeout is None else arrival + c.queue_timeout,
         )
+        ticket.model = model
         self.tickets[req_id] = ticket
-        self.num_seqs_in_flight += n
+        self.num_seqs_in_flight[model] = in_flight + n
         return ticket
 
     def release(self, ticket: Ticket) -> None:
@@ -214,31 +227,56 @@ class Admission:
             return
         ticket.released = True
         self.tickets.pop(ticket.req_id, None)
-        self.num_seqs_in_flight -= ticket.num_seqs
+        self.num_seqs_in_flight[ticket.model] -= ticket.num_seqs
+        if ticket.lease is not None:
+            ticket.lease.release()
         state = self._key_state(ticket.key)
         state.in_flight -= 1
         if state.tpm is not None:
             state.tpm.level -= ticket.num_output_tokens
         self._observe(ticket, time.monotonic())
 
+    @contextlib.contextmanager
+    def hold(self, key: KeyInfo) -> Iterator[Callable[[int], None]]:
+        """A key's slot for a request outside the engine (embeddings, rerank): its request and
+        concurrency are counted like a generation's; call the yielded function with its tokens."""
+        if self.draining:
+            raise self.reject(503, "draining", "the server is shutting down")
+        self.check_key(key)
+        state = self._key_state(key)
+        state.in_flight += 1
+        if state.rpm is not None:
+            state.rpm.level -= 1
+
+        def charge(num_tokens: int) -> None:
+            if state.tpm is not None:
+                state.tpm.level -= num_tokens
+
+        try:
+            yield charge
+        finally:
+            state.in_flight -= 1
+
     def _observe(self, t: Ticket, now: float) -> None:
-        m = self.metrics
-        m.prompt_tokens.inc(t.num_prompt_tokens)
-        m.generation_tokens.inc(t.num_output_tokens)
-        m.request_success.labels(finished_reason=t.outcome).inc()
+        m, model = self.metrics, t.model
+        m.prompt_tokens.labels(model=model).inc(t.num_prompt_tokens)
+        m.generation_tokens.labels(model=model).inc(t.num_output_tokens)
+        m.request_success.labels(model=model, finished_reason=t.outcome).inc()
         e2e = now - t.arrival
-        m.e2e.observe(e2e)
+        m.e2e.labels(model=model).observe(e2e)
         ttft = None if t.first_token_time is None else t.first_token_time - t.arrival
         if ttft is not None:
-            m.ttft.observe(ttft)
+            m.ttft.labels(model=model).observe(ttft)
         queue_time = t.queue_time if t.queue_time is not None else ttft
         if queue_time is not None:
-            m.queue_time.observe(queue_time)
+            m.queue_time.labels(model=model).observe(queue_time)
+        itl = m.itl.labels(model=model)
         for x in t.itl:
-            m.itl.observe(x)
+            itl.observe(x)
         logger.info(
-            "request id=%s key=%s outcome=%s prompt_tokens=%d output_tokens=%d ttft=%s e2e=%.3f",
+            "request id=%s model=%s key=%s outcome=%s prompt_tokens=%d output_tokens=%d ttft=%s e2e=%.3f",
             t.req_id,
+            t.model,
             t.key.name,
             t.outcome,
             t.num_prompt_tokens,

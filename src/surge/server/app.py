@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -20,10 +21,12 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from surge.config import EngineConfig, ServerConfig
-from surge.engine.async_engine import AsyncEngine, EngineDeadError, EngineOverloadedError
+from surge.engine.async_engine import EngineDeadError, EngineOverloadedError
 from surge.engine.request import InvalidRequestError
+from surge.router import ModelRegistry, estimate_cost
 from surge.server.admission import Admission
 from surge.server.auth import KeyStore
+from surge.server.encoders_api import router as encoders_router
 from surge.server.metrics import Metrics
 from surge.server.middleware import (
     BodyLimitMiddleware,
@@ -32,6 +35,7 @@ from surge.server.middleware import (
     default_allowed_hosts,
     error_response,
 )
+from surge.server.models import ServedModels, StarterConfig, default_served_models, make_starter
 from surge.server.openai import router
 from surge.server.protocol import APIError
 from surge.server.reaper import reap_forever
@@ -40,13 +44,26 @@ from surge.server.state import ServerState, StateDep
 logger = logging.getLogger(__name__)
 
 
-def create_app(engine_config: EngineConfig, server_config: ServerConfig) -> FastAPI:
-    """A FastAPI app that starts its own AsyncEngine in the lifespan."""
+def create_app(
+    engine_config: EngineConfig, server_config: ServerConfig, models: ServedModels | None = None
+) -> FastAPI:
+    """A FastAPI app that loads its models in the lifespan (default: the bundled chat model)."""
     keys = KeyStore.from_config(server_config)  # a bad keys file fails here, before any loading
+    models = models or default_served_models(engine_config)
     holder: dict[str, ServerState] = {}
-    metrics = Metrics(lambda: holder["state"].engine)
-    admission = Admission(server_config, engine_config.max_num_seqs, metrics)
-    state = ServerState(engine_config, server_config, keys, metrics, admission)
+    metrics = Metrics(lambda: holder["state"].engines())
+    admission = Admission(server_config, metrics)
+    starter = make_starter(StarterConfig(engine_config, server_config.supervisor))
+    registry = ModelRegistry(
+        models.specs,
+        starter,
+        budget_bytes=models.memory_budget,
+        estimator=functools.partial(estimate_cost, base=engine_config),
+        abort_in_flight=lambda name, reason: _abort_model(holder["state"], name, reason),
+    )
+    state = ServerState(
+        engine_config, server_config, keys, metrics, admission, registry, models.startup
+    )
     holder["state"] = state
     docs = server_config.enable_docs
     app = FastAPI(
@@ -58,6 +75,7 @@ def create_app(engine_config: EngineConfig, server_config: ServerConfig) -> Fast
     )
     app.state.surge = state
     app.include_router(router)
+    app.include_router(encoders_router)
     app.add_api_route("/health", health, methods=["GET"], operation_id="health")
     app.add_api_route("/ready", ready, methods=["GET"], operation_id="ready")
     app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], operation_id="metrics")
@@ -90,61 +108,75 @@ def _add_middleware(app: FastAPI, state: ServerState) -> None:
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Load the engine in the background so /health answers while the model loads."""
+    """Load the start-up models in the background so /health answers while they load."""
     state: ServerState = app.state.surge
-    task = asyncio.create_task(_start_engine(state), name="surge-engine-start")
-    reaper = asyncio.create_task(reap_forever(state), name="surge-reaper")
+    tasks = [
+        asyncio.create_task(_load_startup_models(state), name="surge-startup-load"),
+        asyncio.create_task(reap_forever(state), name="surge-reaper"),
+        asyncio.create_task(state.registry.run_expiry(1.0), name="surge-expiry"),
+    ]
     try:
         yield
     finally:
         state.admission.draining = True
-        for t in (task, reaper):
+        for t in tasks:
             if not t.done():
                 t.cancel()
-        await asyncio.gather(task, reaper, return_exceptions=True)
-        if state.engine is not None:
-            await state.engine.shutdown()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await state.registry.close()
 
 
-async def _start_engine(state: ServerState) -> None:
-    try:
-        state.engine = await AsyncEngine.create(
-            state.engine_config, multiprocess=True, supervisor=state.config.supervisor
-        )
-    except Exception as e:  # noqa: BLE001 - a server without a model is of no use: exit
-        logger.exception("the engine failed to start")
-        state.startup_error = str(e)
-        os.kill(os.getpid(), signal.SIGTERM)
-        return
-    logger.info(
-        "engine ready: model %s, max_model_len %d, KV cache %d tokens",
-        state.model_name,
-        state.engine.limits.max_model_len,
-        state.engine.limits.kv_capacity_tokens,
+async def _load_startup_models(state: ServerState) -> None:
+    """Load the start-up models together; a server that can't load one of them exits."""
+    results = await asyncio.gather(
+        *(state.registry.load(n) for n in state.startup_models), return_exceptions=True
     )
+    for name, result in zip(state.startup_models, results, strict=True):
+        if isinstance(result, BaseException):
+            logger.error("model %s failed to load at start-up: %s", name, result)
+            state.startup_error = f"{name}: {result}"
+        else:
+            state.metrics.model_loads.labels(model=name).inc()
+    if state.startup_error is not None:
+        os.kill(os.getpid(), signal.SIGTERM)  # a server without its models is of no use
+        return
+    logger.info("ready: %s", ", ".join(state.startup_models))
+
+
+async def _abort_model(state: ServerState, name: str, reason: str) -> None:
+    """An unload's grace ran out: end that model's requests with a visible error."""
+    for ticket in list(state.admission.tickets.values()):
+        if ticket.model == name and ticket.engine is not None:
+            await ticket.engine.fail(ticket.req_id, f"model unloaded: {reason}")
 
 
 async def health(state: StateDep) -> JSONResponse:
-    """The process is alive: 200, with the engine's restarts and last failure if any; 503 once
-    the engine crashed too often to be restarted (the process can't serve: restart it)."""
-    engine = state.engine
+    """The process is alive: 200, with each engine's restarts and last failure if any; 503 once
+    a start-up model's engine crashed too often to be restarted (restart the process)."""
     body: dict[str, object] = {"status": "ok"}
-    if engine is not None:
-        body.update(engine_restarts=engine.num_restarts, last_engine_failure=engine.last_failure)
-        if engine.breaker_open:
-            body["status"] = "failed"
-            body["reason"] = (
-                f"the engine crashed too often and is not restarted: {engine.last_failure}"
-            )
-            return JSONResponse(body, status_code=503)
+    engines = state.engines()
+    body["engines"] = {
+        name: {"restarts": e.num_restarts, "last_failure": e.last_failure}
+        for name, e in engines.items()
+    }
+    failed = [n for n in state.startup_models if n in engines and engines[n].breaker_open]
+    if failed:
+        body["status"] = "failed"
+        body["reason"] = "; ".join(
+            f"{n}: the engine crashed too often and is not restarted: {engines[n].last_failure}"
+            for n in failed
+        )
+        return JSONResponse(body, status_code=503)
     return JSONResponse(body)
 
 
 async def ready(state: StateDep) -> JSONResponse:
-    """200 when the engine is loaded and alive and the server accepts requests, else 503."""
+    """200 when the start-up models are loaded and alive and the server accepts requests."""
+    models = {n: s.state.value for n, s in state.registry.states().items()}
     if state.is_ready:
-        return JSONResponse({"status": "ready"})
-    return JSONResponse({"status": "not ready", "reason": state.not_ready_reason}, status_code=503)
+        return JSONResponse({"status": "ready", "models": models})
+    body = {"status": "not ready", "reason": state.not_ready_reason, "models": models}
+    return JSONResponse(body, status_code=503)
 
 
 async def metrics_endpoint(state: StateDep) -> Response:
@@ -254,12 +286,13 @@ class _DrainingServer(uvicorn.Server):
         deadline = time.monotonic() + grace
         while admission.tickets and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        if admission.tickets and self._state.engine is not None:
+        if admission.tickets:
             logger.warning(
                 "grace period of %gs over: aborting %d requests", grace, len(admission.tickets)
             )
-            for req_id in list(admission.tickets):
-                await self._state.engine.abort(req_id)
+            for ticket in list(admission.tickets.values()):
+                if ticket.engine is not None:
+                    await ticket.engine.abort(ticket.req_id)
             # let the aborted streams write their last chunk and [DONE]
             end = time.monotonic() + 2.0
             while admission.tickets and time.monotonic() < end:
@@ -267,9 +300,11 @@ class _DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def run_server(engine_config: EngineConfig, server_config: ServerConfig) -> int:
-    """Serve until SIGTERM/SIGINT; 1 if the engine failed to start."""
-    app = create_app(engine_config, server_config)
+def run_server(
+    engine_config: EngineConfig, server_config: ServerConfig, models: ServedModels | None = None
+) -> int:
+    """Serve until SIGTERM/SIGINT; 1 if a start-up model failed to load."""
+    app = create_app(engine_config, server_config, models)
     config = uvicorn.Config(
         app,
         host=server_config.host,

@@ -37,6 +37,7 @@ class KeyInfo:
     tpm: int | None = None
     max_concurrent: int | None = None
     priority: int = 0
+    models: tuple[str, ...] | None = None  # the models this key may use; None = all
 
 
 def hash_key(key: str) -> str:
@@ -128,19 +129,25 @@ def _parse_line(line: str, defaults: KeyInfo, where: str) -> tuple[str, KeyInfo]
         priority = obj.get("priority", defaults.priority)
         if not _is_int(priority):
             raise ValueError("'priority' must be an integer")
+        models = obj.get("models")
+        if models is not None and not (
+            isinstance(models, list) and all(isinstance(m, str) and m for m in models)
+        ):
+            raise ValueError("'models' must be a list of model names")
         info = KeyInfo(
             name=name,
             rpm=_limit(obj, "rpm", defaults.rpm),
             tpm=_limit(obj, "tpm", defaults.tpm),
             max_concurrent=_limit(obj, "max_concurrent", defaults.max_concurrent),
             priority=priority,
+            models=None if models is None else tuple(models),
         )
     except ValueError as e:
         raise ValueError(f"{where}: bad API key entry: {e}") from e
     return digest, info
 
 
-_FIELDS = {"key", "sha256", "name", "rpm", "tpm", "max_concurrent", "priority"}
+_FIELDS = {"key", "sha256", "name", "rpm", "tpm", "max_concurrent", "priority", "models"}
 
 
 def _is_int(value: object) -> bool:

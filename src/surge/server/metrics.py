@@ -73,57 +73,89 @@ _E2E_BUCKETS = (
 
 
 class _EngineStatsCollector(Collector):
-    """Reads the engine's load at scrape time, so the gauges are never stale."""
+    """Reads each loaded chat model's engine at scrape time, so the gauges are never stale."""
 
-    def __init__(self, get_engine: Callable[[], AsyncEngine | None]) -> None:
-        self._get_engine = get_engine
+    def __init__(self, get_engines: Callable[[], dict[str, AsyncEngine]]) -> None:
+        self._get_engines = get_engines
 
     def collect(self) -> Iterator[Metric]:
-        engine = self._get_engine()
-        stats = engine.stats if engine is not None else None
-        restarts = engine.num_restarts if engine is not None else 0
-        yield CounterMetricFamily(
-            "surge:engine_restarts", "Engine core restarts after a crash or stall.", restarts
-        )
-        running = stats.num_running if stats else 0
-        waiting = stats.num_waiting if stats else 0
-        usage = stats.kv_cache_usage if stats else 0.0
-        preemptions = stats.num_preemptions_total if stats else 0
-        yield GaugeMetricFamily(
-            "surge:num_requests_running", "Sequences running in the engine.", running
-        )
-        yield GaugeMetricFamily(
-            "surge:num_requests_waiting", "Sequences waiting in the engine.", waiting
-        )
-        yield GaugeMetricFamily("surge:kv_cache_usage_perc", "KV cache usage, 0..1.", usage)
-        yield CounterMetricFamily("surge:num_preemptions", "Preemptions since start.", preemptions)
-        queries = stats.prefix_cache_queries if stats else 0
-        hits = stats.prefix_cache_hits if stats else 0
-        yield CounterMetricFamily(
-            "surge:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", queries
-        )
-        yield CounterMetricFamily("surge:prefix_cache_hits", "Of those, tokens found cached.", hits)
+        engines = self._get_engines()
+        families = {
+            "restarts": CounterMetricFamily(
+                "surge:engine_restarts",
+                "Engine core restarts after a crash or stall.",
+                labels=["model"],
+            ),
+            "running": GaugeMetricFamily(
+                "surge:num_requests_running", "Sequences running in the engine.", labels=["model"]
+            ),
+            "waiting": GaugeMetricFamily(
+                "surge:num_requests_waiting", "Sequences waiting in the engine.", labels=["model"]
+            ),
+            "usage": GaugeMetricFamily(
+                "surge:kv_cache_usage_perc", "KV cache usage, 0..1.", labels=["model"]
+            ),
+            "preemptions": CounterMetricFamily(
+                "surge:num_preemptions", "Preemptions since start.", labels=["model"]
+            ),
+            "queries": CounterMetricFamily(
+                "surge:prefix_cache_queries",
+                "Prompt tokens looked up in the prefix cache.",
+                labels=["model"],
+            ),
+            "hits": CounterMetricFamily(
+                "surge:prefix_cache_hits", "Of those, tokens found cached.", labels=["model"]
+            ),
+        }
+        for name, engine in engines.items():
+            s = engine.stats
+            values = {
+                "restarts": engine.num_restarts,
+                "running": s.num_running,
+                "waiting": s.num_waiting,
+                "usage": s.kv_cache_usage,
+                "preemptions": s.num_preemptions_total,
+                "queries": s.prefix_cache_queries,
+                "hits": s.prefix_cache_hits,
+            }
+            for key, family in families.items():
+                family.add_metric([name], values[key])
+        yield from families.values()
 
 
 class Metrics:
     """Every metric of one app; the server updates them as requests go."""
 
-    def __init__(self, get_engine: Callable[[], AsyncEngine | None]) -> None:
+    def __init__(self, get_engines: Callable[[], dict[str, AsyncEngine]]) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(_EngineStatsCollector(get_engine))
+        self.registry.register(_EngineStatsCollector(get_engines))
         r = self.registry
-        self.prompt_tokens = Counter("surge:prompt_tokens", "Prompt tokens processed.", registry=r)
-        self.generation_tokens = Counter("surge:generation_tokens", "Tokens generated.", registry=r)
+        self.prompt_tokens = Counter(
+            "surge:prompt_tokens", "Prompt tokens processed.", ["model"], registry=r
+        )
+        self.generation_tokens = Counter(
+            "surge:generation_tokens", "Tokens generated.", ["model"], registry=r
+        )
         self.request_success = Counter(
             "surge:request_success",
             "Finished requests by finish reason.",
-            ["finished_reason"],
+            ["model", "finished_reason"],
             registry=r,
         )
         self.request_aborted = Counter(
             "surge:request_aborted",
             "Requests the server aborted: client stopped reading, deadline passed.",
             ["reason"],
+            registry=r,
+        )
+        self.model_loads = Counter(
+            "surge:model_loads", "Models loaded (at start-up or on demand).", ["model"], registry=r
+        )
+        self.encoder_batch_size = Histogram(
+            "surge:encoder_batch_size",
+            "Rows per model call of an embedding/rerank worker (dynamic batching).",
+            ["model"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
             registry=r,
         )
         self.request_rejected = Counter(
@@ -135,24 +167,28 @@ class Metrics:
         self.ttft = Histogram(
             "surge:time_to_first_token_seconds",
             "Time to first token.",
+            ["model"],
             buckets=_TTFT_BUCKETS,
             registry=r,
         )
         self.itl = Histogram(
             "surge:inter_token_latency_seconds",
             "Time between output tokens.",
+            ["model"],
             buckets=_ITL_BUCKETS,
             registry=r,
         )
         self.e2e = Histogram(
             "surge:e2e_request_latency_seconds",
             "Arrival to last token.",
+            ["model"],
             buckets=_E2E_BUCKETS,
             registry=r,
         )
         self.queue_time = Histogram(
             "surge:request_queue_time_seconds",
             "Arrival to first scheduled (or first token when the engine doesn't say).",
+            ["model"],
             buckets=_TTFT_BUCKETS,
             registry=r,
         )

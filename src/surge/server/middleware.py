@@ -21,6 +21,11 @@ LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
 KEY_SCOPE = "surge.key"  # where KeyCheck leaves the caller's KeyInfo in the ASGI scope
 
 
+def is_admin_path(path: str) -> bool:
+    """/v1/models/{name}/load and /unload: the admin key's, not a user key's."""
+    return path.startswith("/v1/models/") and path.endswith(("/load", "/unload"))
+
+
 def error_response(error: APIError) -> JSONResponse:
     """OpenAI's error body with the error's status and headers."""
     return JSONResponse(error.body(), status_code=error.status_code, headers=error.headers)
@@ -80,8 +85,9 @@ class KeyCheckMiddleware:
         self.check_limits = check_limits
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
-            await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path in OPEN_PATHS or is_admin_path(path):
+            await self.app(scope, receive, send)  # admin routes check the admin key themselves
             return
         headers = dict(scope["headers"])
         auth = headers.get(b"authorization")

@@ -35,6 +35,10 @@ Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
 TokenId = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
 StopString = Annotated[Text, Field(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
 StopList = Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
+# Ollama's keep_alive: "5m", "1h30m", seconds, 0 (unload when idle), negative (forever)
+KeepAliveValue = Annotated[Text, Field(max_length=64)] | float
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's cap on inputs per embeddings request
+MAX_RERANK_DOCUMENTS = 1024
 
 
 class OpenAIBaseModel(BaseModel):
@@ -122,6 +126,7 @@ class _SamplingFields(OpenAIBaseModel):
     ignore_eos: bool = False
     priority: Int64 | None = None  # None = the API key's priority; never better than it
     stop_token_ids: list[TokenId] = Field(default_factory=list, max_length=MAX_STOP_TOKEN_IDS)
+    keep_alive: KeepAliveValue | None = None  # Ollama's: how long the model stays loaded after
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
 
@@ -227,6 +232,53 @@ class DetokenizeRequest(OpenAIBaseModel):
     tokens: list[TokenId]
 
 
+class EmbeddingRequest(OpenAIBaseModel):
+    """POST /v1/embeddings (OpenAI's shape); `truncate` and `keep_alive` are extras."""
+
+    model: Text | None = None
+    input: (
+        Text
+        | Annotated[list[Text], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)]
+        | Annotated[list[TokenId], Field(min_length=1)]
+        | Annotated[list[list[TokenId]], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)]
+    )
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[int, Field(ge=1, le=INT64_MAX)] | None = None
+    user: Text | None = None
+    truncate: bool | None = None  # None = the server's --no-embedding-truncate setting
+    keep_alive: KeepAliveValue | None = None
+
+    def inputs(self) -> list[str] | list[list[int]]:
+        """The inputs as one list: of texts, or of token-id lists."""
+        x = self.input
+        if isinstance(x, str):
+            return [x]
+        if x and isinstance(x[0], int):
+            return [list(x)]  # type: ignore[arg-type]
+        return list(x)  # type: ignore[arg-type]
+
+
+class RerankDocument(OpenAIBaseModel):
+    text: Text
+
+
+class RerankRequest(OpenAIBaseModel):
+    """POST /v1/rerank (the shape of vLLM, Jina and Cohere)."""
+
+    model: Text | None = None
+    query: Text
+    documents: Annotated[
+        list[Text] | list[RerankDocument], Field(min_length=1, max_length=MAX_RERANK_DOCUMENTS)
+    ]
+    top_n: Annotated[int, Field(ge=1, le=INT64_MAX)] | None = None
+    return_documents: bool = True
+    truncate: bool | None = None
+    keep_alive: KeepAliveValue | None = None
+
+    def texts(self) -> list[str]:
+        return [d if isinstance(d, str) else d.text for d in self.documents]
+
+
 class UsageInfo(OpenAIBaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -242,11 +294,20 @@ def usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
 
 
 class ModelCard(OpenAIBaseModel):
+    """One registered model, with its state and Xinference's model_type/model_ability."""
+
     id: str
     object: str = "model"
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "surge"
     max_model_len: int | None = None
+    kind: str = "chat"
+    state: str = "loaded"
+    reason: str | None = None
+    pinned: bool = False
+    keep_alive: float | None = None  # seconds; None = forever
+    model_type: str = "LLM"
+    model_ability: list[str] = Field(default_factory=lambda: ["chat", "generate"])
 
 
 class ModelList(OpenAIBaseModel):

@@ -36,11 +36,11 @@ async def reap_forever(state: ServerState) -> None:
 
 async def reap_once(state: ServerState, now: float) -> list[str]:
     """Abort what must end now; return the aborted request ids."""
-    engine = state.engine
-    if engine is None:
-        return []
     reaped = []
     for ticket in list(state.admission.tickets.values()):
+        engine = ticket.engine
+        if engine is None:
+            continue
         reason = _reason(ticket, engine, state, now)
         if reason is None:
             continue
