@@ -51,7 +51,7 @@ def create_app(
     keys = KeyStore.from_config(server_config)  # a bad keys file fails here, before any loading
     models = models or default_served_models(engine_config)
     holder: dict[str, ServerState] = {}
-    metrics = Metrics(lambda: holder["state"].engines())
+    metrics = Metrics(lambda: holder["state"].engines(), lambda: holder["state"].encoders())
     admission = Admission(server_config, metrics)
     starter = make_starter(StarterConfig(engine_config, server_config.supervisor))
     registry = ModelRegistry(

@@ -43,7 +43,6 @@ async def create_embeddings(body: EmbeddingRequest, state: StateDep, key: KeyDep
                 )
             result = await _run(state, lease, client.embed(inputs, truncate=truncate))
         charge(result.num_tokens)
-    _record_batches(state, name, result.batch_sizes)
     data = [
         {"object": "embedding", "index": i, "embedding": _encode(row, body.encoding_format)}
         for i, row in enumerate(result.embeddings)
@@ -71,7 +70,6 @@ async def rerank(body: RerankRequest, state: StateDep, key: KeyDep) -> JSON:
                 state, lease, client.rerank(body.query, documents, truncate=truncate)
             )
         charge(result.num_tokens)
-    _record_batches(state, name, result.batch_sizes)
     order = sorted(range(len(documents)), key=lambda i: result.scores[i], reverse=True)
     results: list[JSON] = []
     for i in order[: body.top_n or len(order)]:
@@ -115,12 +113,6 @@ def _encode(row: np.ndarray, encoding_format: str) -> list[float] | str:
     if encoding_format == "base64":  # OpenAI's: little-endian float32 bytes
         return base64.b64encode(row.astype("<f4").tobytes()).decode()
     return row.tolist()
-
-
-def _record_batches(state: ServerState, name: str, batch_sizes: list[int]) -> None:
-    histogram = state.metrics.encoder_batch_size.labels(model=name)
-    for size in batch_sizes:
-        histogram.observe(size)
 
 
 # ---- admin: load / unload at run time -------------------------------------------------------

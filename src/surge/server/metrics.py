@@ -10,6 +10,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from surge.encoders import EncoderClient
     from surge.engine.async_engine import AsyncEngine
 
 _TTFT_BUCKETS = (
@@ -123,12 +124,37 @@ class _EngineStatsCollector(Collector):
         yield from families.values()
 
 
+class _EncoderStatsCollector(Collector):
+    """Each loaded embedding/rerank worker's model calls: rows / batches = the mean batch size."""
+
+    def __init__(self, get_encoders: Callable[[], dict[str, EncoderClient]]) -> None:
+        self._get_encoders = get_encoders
+
+    def collect(self) -> Iterator[Metric]:
+        batches = CounterMetricFamily(
+            "surge:encoder_batches", "Model calls of an encoder worker.", labels=["model"]
+        )
+        rows = CounterMetricFamily(
+            "surge:encoder_rows", "Texts (rows) run in those calls.", labels=["model"]
+        )
+        for name, client in self._get_encoders().items():
+            batches.add_metric([name], client.stats.num_batches)
+            rows.add_metric([name], client.stats.num_rows)
+        yield batches
+        yield rows
+
+
 class Metrics:
     """Every metric of one app; the server updates them as requests go."""
 
-    def __init__(self, get_engines: Callable[[], dict[str, AsyncEngine]]) -> None:
+    def __init__(
+        self,
+        get_engines: Callable[[], dict[str, AsyncEngine]],
+        get_encoders: Callable[[], dict[str, EncoderClient]] = dict,
+    ) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(_EngineStatsCollector(get_engines))
+        self.registry.register(_EncoderStatsCollector(get_encoders))
         r = self.registry
         self.prompt_tokens = Counter(
             "surge:prompt_tokens", "Prompt tokens processed.", ["model"], registry=r
@@ -150,13 +176,6 @@ class Metrics:
         )
         self.model_loads = Counter(
             "surge:model_loads", "Models loaded (at start-up or on demand).", ["model"], registry=r
-        )
-        self.encoder_batch_size = Histogram(
-            "surge:encoder_batch_size",
-            "Rows per model call of an embedding/rerank worker (dynamic batching).",
-            ["model"],
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
-            registry=r,
         )
         self.request_rejected = Counter(
             "surge:request_rejected",

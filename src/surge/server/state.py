@@ -63,6 +63,15 @@ class ServerState:
                 found[name] = handle.engine
         return found
 
+    def encoders(self) -> dict[str, EncoderClient]:
+        """The workers of every loaded embedding/rerank model, by model name."""
+        found = {}
+        for name in self.registry.names():
+            handle = self.registry.handle(name)
+            if isinstance(handle, EncoderClient):
+                found[name] = handle
+        return found
+
     def _model_ready(self, name: str) -> bool:
         handle = self.registry.handle(name)
         if isinstance(handle, ChatHandle):
