@@ -47,8 +47,11 @@ def keyed_server(
         + "\n"
         + json.dumps({"sha256": hashed, "name": "hashed", "priority": 5})
         + "\n"
+        + json.dumps({"key": "sk-other-model", "name": "elsewhere", "models": ["another"]})
+        + "\n"
     )
     args = [*TINY_ARGS, "--api-key", "sk-cli", "--api-keys-file", str(keys)]
+    args += ["--cors-origins", "http://app.example"]
     with remote_server(tiny_model_dir, args) as server:
         yield server
 
@@ -66,6 +69,50 @@ def test_api_keys(keyed_server: RemoteSurgeServer) -> None:
     # health, readiness and metrics stay open for probes and scrapers
     assert httpx.get(keyed_server.url("/ready")).status_code == 200
     assert httpx.get(keyed_server.url("/metrics")).status_code == 200
+
+
+def test_key_checked_before_the_body_is_read(keyed_server: RemoteSurgeServer) -> None:
+    """An unauthenticated 9 MiB body is refused 401 (not 413): nothing was read or parsed."""
+    r = httpx.post(keyed_server.url("/v1/completions"), content=b"x" * (9 * 2**20))
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(keyed_server.url("/openapi.json")).status_code == 401
+    assert httpx.get(keyed_server.url("/docs")).status_code == 401
+    assert httpx.get(keyed_server.url("/openapi.json"), headers=auth("sk-cli")).status_code == 200
+
+
+def test_cors_preflight(keyed_server: RemoteSurgeServer) -> None:
+    headers = {
+        "Origin": "http://app.example",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type",
+    }
+    r = httpx.options(keyed_server.url("/v1/chat/completions"), headers=headers)
+    assert r.status_code == 200
+    assert r.headers["access-control-allow-origin"] == "http://app.example"
+    evil = httpx.options(
+        keyed_server.url("/v1/chat/completions"), headers={**headers, "Origin": "http://evil"}
+    )
+    assert "access-control-allow-origin" not in evil.headers
+
+
+def test_priority_never_better_than_the_keys(keyed_server: RemoteSurgeServer) -> None:
+    url = keyed_server.url("/v1/completions")
+    r = httpx.post(url, json={**CHAT_PROMPT, "priority": 4}, headers=auth("sk-hashed"))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "priority"
+    for priority in (5, 6):
+        body = {**CHAT_PROMPT, "priority": priority}
+        assert httpx.post(url, json=body, headers=auth("sk-hashed"), timeout=30).status_code == 200
+    r = httpx.post(url, json={**CHAT_PROMPT, "priority": -1000}, headers=auth("sk-cli"))
+    assert r.status_code == 400
+
+
+def test_key_limited_to_other_models(keyed_server: RemoteSurgeServer) -> None:
+    r = httpx.post(
+        keyed_server.url("/v1/completions"), json=CHAT_PROMPT, headers=auth("sk-other-model")
+    )
+    assert r.status_code == 403 and r.json()["error"]["code"] == "model_not_allowed"
+    models = httpx.get(keyed_server.url("/v1/models"), headers=auth("sk-other-model")).json()
+    assert models["data"] == []
 
 
 def test_requests_per_minute(keyed_server: RemoteSurgeServer) -> None:

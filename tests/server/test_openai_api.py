@@ -237,3 +237,11 @@ def test_prefix_cache_hits_reach_metrics(tiny_server: RemoteSurgeServer) -> None
         )
     assert value("surge:prefix_cache_hits_total") > before
     assert value("surge:prefix_cache_queries_total") >= value("surge:prefix_cache_hits_total")
+
+
+def test_open_loopback_api_refuses_foreign_host_headers(tiny_server: RemoteSurgeServer) -> None:
+    """DNS rebinding: a page on evil.example resolving to 127.0.0.1 must not reach the API."""
+    r = httpx.get(tiny_server.url("/v1/models"), headers={"Host": "evil.example"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_host"
+    ok = httpx.get(tiny_server.url("/v1/models"), headers={"Host": f"localhost:{tiny_server.port}"})
+    assert ok.status_code == 200
