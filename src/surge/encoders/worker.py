@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import signal
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from surge.encoders.messages import (
     RerankRequest,
 )
 from surge.encoders.runner import EncoderInputError, EncoderRunner, Features
+from surge.process import die_with_parent, ignore_group_signals
 
 logger = logging.getLogger(__name__)
 
@@ -245,8 +245,8 @@ def _ready_message(runner: EncoderRunner) -> EncoderReady:
 def run_encoder_worker(config: EncoderConfig, input_addr: str, output_addr: str) -> None:
     """Process entry point: load, send EncoderReady (or EncoderLoadFailed), then serve over zmq."""
     setproctitle.setproctitle(PROCESS_TITLE)
-    # Ctrl-C reaches the whole process group; the owner decides when the worker stops.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent()
+    ignore_group_signals()
     if not logging.getLogger().handlers:
         logging.basicConfig(
             level=logging.INFO, format=f"%(asctime)s {PROCESS_TITLE} %(levelname)s %(message)s"

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import multiprocessing
 import os
-import signal
 import time
 from collections.abc import Callable
 
@@ -26,6 +24,7 @@ from surge.engine.messages import (
     EngineCoreShutdown,
 )
 from surge.models.loader import load_model_files
+from surge.process import die_with_parent, ignore_group_signals
 from surge.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -39,7 +38,6 @@ IDLE_POLL_S = 1.0
 # steps the front end has not read yet: past it the core waits, which is back-pressure, not loss.
 INPUT_HWM = 100_000
 OUTPUT_HWM = 10_000
-_PR_SET_PDEATHSIG = 1
 
 # (timeout seconds, 0 = don't wait) -> every input message pending, waiting up to timeout for one
 GetInputs = Callable[[float], list[CoreInput]]
@@ -111,26 +109,14 @@ def _inject(fault: str | None, send_raw: Callable[[bytes], None] | None) -> None
         send_raw(b"\xc1 not msgpack")
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when its parent dies (a core must never outlive it)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux: the parent check in the loop still works
-        pass
-
-
 def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> None:
     """Process entry point: load, send EngineCoreReady, then serve the core loop over zmq."""
     setproctitle.setproctitle(PROCESS_TITLE)
-    _die_with_parent()
+    die_with_parent()
     parent = multiprocessing.parent_process()
     if parent is not None and not parent.is_alive():
         return  # the parent died before prctl took effect
-    # Ctrl-C and `kill -TERM -PGID` (systemd, docker) reach the whole process group; the front
-    # end drains first and then stops the core itself, so both are ignored here.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    ignore_group_signals()
     if not logging.getLogger().handlers:
         logging.basicConfig(
             level=logging.INFO, format=f"%(asctime)s {PROCESS_TITLE} %(levelname)s %(message)s"
