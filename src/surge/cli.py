@@ -426,6 +426,17 @@ def add_bench_serve_parsers(bench: argparse._SubParsersAction) -> None:
     report.set_defaults(func=cmd_bench_report)
 
 
+def add_bench_embed_parser(bench: argparse._SubParsersAction) -> None:
+    """`bench embed`: embeddings throughput, cold start, chat beside an ingestion."""
+    from surge.bench.embed import add_embed_args, main_embed
+
+    embed = bench.add_parser(
+        "embed", help="embeddings vs sentence-transformers and a naive server; cold start; mixed"
+    )
+    add_embed_args(embed)
+    embed.set_defaults(func=main_embed)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line."""
     parser = argparse.ArgumentParser(prog="surge", description=__doc__)
@@ -468,6 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     off.add_argument("--output", default=None, help="write JSON results here")
     off.set_defaults(func=cmd_bench_offline)
     add_bench_serve_parsers(bench)
+    add_bench_embed_parser(bench)
     return parser
 
 
