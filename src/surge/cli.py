@@ -216,6 +216,12 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         "does (default: truncate, as sentence-transformers does)",
     )
     models.add_argument(
+        "--encoder-threads",
+        type=int,
+        default=None,
+        help="threads per embedding/rerank worker (default 1; workers run niced beside chat)",
+    )
+    models.add_argument(
         "--unload-grace",
         type=float,
         default=d.unload_grace,
@@ -273,6 +279,7 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         admin_key_hash=hash_key(admin_key) if admin_key else None,
         embedding_truncate=not args.no_embedding_truncate,
         unload_grace=args.unload_grace,
+        encoder_threads=args.encoder_threads,
         supervisor=SupervisorConfig(
             stall_timeout=args.engine_stall_timeout,
             max_restarts=args.engine_max_restarts,
@@ -446,9 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(serve)
     add_server_args(serve)
     serve.set_defaults(func=cmd_serve)
-    sub.add_parser("pull", help="fetch the bundled chat and embedding models into the cache").set_defaults(
-        func=cmd_pull
-    )
+    sub.add_parser(
+        "pull", help="fetch the bundled chat and embedding models into the cache"
+    ).set_defaults(func=cmd_pull)
     for name, func, help_text in [
         ("chat", cmd_chat, "chat with a model (interactive, or one message with -m)"),
         ("generate", cmd_generate, "complete prompts"),

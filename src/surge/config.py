@@ -112,6 +112,7 @@ class ServerConfig:
     admin_key_hash: str | None = None  # sha256 of --admin-api-key: load/unload routes; None = off
     embedding_truncate: bool = True  # inputs past an encoder's window: truncate (else 400)
     unload_grace: float = 30.0  # seconds an unloading model's in-flight requests may take
+    encoder_threads: int | None = None  # torch threads per embedding/rerank worker; None = 1
 
     def __post_init__(self) -> None:
         if self.stream_read_timeout <= 0 or self.max_unread_chars <= 0:

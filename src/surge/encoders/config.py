@@ -24,6 +24,9 @@ class EncoderConfig:
     # ...or when it holds this many rows.
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     device: str = "cpu"
+    # Added to the worker's nice value: on a machine shared with chat engines, bulk embedding
+    # (knowledge-base ingestion) takes the CPU chat leaves, instead of starving chat's streams.
+    nice: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in (None, "embedding", "rerank"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -251,6 +252,8 @@ def run_encoder_worker(config: EncoderConfig, input_addr: str, output_addr: str)
         logging.basicConfig(
             level=logging.INFO, format=f"%(asctime)s {PROCESS_TITLE} %(levelname)s %(message)s"
         )
+    if config.nice:
+        os.nice(config.nice)
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
     ctx = zmq.Context()

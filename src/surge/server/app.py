@@ -53,7 +53,9 @@ def create_app(
     holder: dict[str, ServerState] = {}
     metrics = Metrics(lambda: holder["state"].engines(), lambda: holder["state"].encoders())
     admission = Admission(server_config, metrics)
-    starter = make_starter(StarterConfig(engine_config, server_config.supervisor))
+    starter = make_starter(
+        StarterConfig(engine_config, server_config.supervisor, server_config.encoder_threads)
+    )
     registry = ModelRegistry(
         models.specs,
         starter,

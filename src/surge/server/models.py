@@ -58,7 +58,12 @@ class StarterConfig:
 
     engine: EngineConfig
     supervisor: SupervisorConfig
-    encoder_threads: int | None = None
+    encoder_threads: int | None = None  # None = one thread (see ENCODER_NICE)
+
+
+# Encoder workers run niced, on one thread unless told otherwise: beside a chat engine that
+# uses every core, more threads only oversubscribe them, and ingestion must not starve chat.
+ENCODER_NICE = 10
 
 
 def default_served_models(engine_config: EngineConfig) -> ServedModels:
@@ -96,7 +101,8 @@ def make_starter(config: StarterConfig) -> Starter:
                 path,
                 kind=spec.kind.value,  # type: ignore[arg-type]
                 name=spec.name,
-                num_threads=config.encoder_threads or config.engine.num_threads,
+                num_threads=config.encoder_threads or 1,
+                nice=ENCODER_NICE,
             )
         )
         logger.info("%s model %s ready", spec.kind.value, spec.name)
