@@ -293,8 +293,10 @@ class _DrainingServer(uvicorn.Server):
                 "grace period of %gs over: aborting %d requests", grace, len(admission.tickets)
             )
             for ticket in list(admission.tickets.values()):
-                if ticket.engine is not None:
-                    await ticket.engine.abort(ticket.req_id)
+                if ticket.engine is not None:  # an error the client sees, not a quiet "abort"
+                    await ticket.engine.fail(
+                        ticket.req_id, f"server shutting down: {grace:g}s grace period over"
+                    )
             # let the aborted streams write their last chunk and [DONE]
             end = time.monotonic() + 2.0
             while admission.tickets and time.monotonic() < end:

@@ -54,7 +54,7 @@ async def generate(call: GenerationCall) -> Response:
     state = call.state
     if state.draining:
         raise state.admission.reject(503, "draining", "the server is shutting down")
-    if call.stream and not state.is_loaded(call.model):
+    if call.stream and not state.is_loaded(call.model) and not state.fails_fast(call.model):
         return StreamingResponse(
             _cold_stream(call), media_type="text/event-stream", headers=SSE_HEADERS
         )

@@ -36,8 +36,9 @@ class ChatHandle:
         return self.engine.num_unfinished
 
     def is_alive(self) -> bool:
-        # a crashed core is the engine's to restart; only a tripped breaker makes it dead here
-        return not self.engine.breaker_open
+        # The engine restarts its own core, and once its breaker opens it stays down on purpose
+        # (/health says why) until an admin unloads and reloads it: never "dead" to the registry.
+        return True
 
     async def close(self) -> None:
         await self.engine.shutdown()

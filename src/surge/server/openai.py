@@ -126,13 +126,17 @@ async def list_models(state: StateDep, key: KeyDep) -> ModelList:
     for name, status in state.registry.states().items():
         if key.models is not None and name not in key.models:
             continue
+        model_state, reason = status.state.value, status.reason
+        handle = state.registry.handle(name)
+        if isinstance(handle, ChatHandle) and handle.engine.breaker_open:
+            model_state, reason = "failed", f"engine crashed too often: {handle.engine.last_failure}"
         cards.append(
             ModelCard(
                 id=name,
                 max_model_len=_max_len(state, name),
                 kind=status.kind.value,
-                state=status.state.value,
-                reason=status.reason,
+                state=model_state,
+                reason=reason,
                 pinned=status.pinned,
                 keep_alive=status.keep_alive,
                 model_type=_MODEL_TYPES[status.kind],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import time
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -136,6 +137,12 @@ class ServerState:
 
     def is_loaded(self, name: str) -> bool:
         return self.registry.status(name).state is ModelState.LOADED
+
+    def fails_fast(self, name: str) -> bool:
+        """FAILED and still in its restart backoff: acquire() refuses at once (a 503, not a
+        stream that opens and then carries the error)."""
+        status = self.registry.status(name)
+        return status.state is ModelState.FAILED and (status.retry_at or 0) > time.monotonic()
 
     async def acquire(self, name: str, keep_alive: float | None | KeepAlive) -> Lease:
         """A lease on the loaded model, loading it on demand; 503 if it can't be loaded, or

@@ -24,9 +24,15 @@ KEEPALIVE = ": keep-alive\n\n"
 DONE = "data: [DONE]\n\n"
 
 
+# Line separators a client's line splitter may break on (Python's str.splitlines does, and
+# so httpx's iter_lines): escaped in the JSON, which stays the same value.
+_LINE_BREAKS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
+
+
 def sse(body: object) -> str:
     """One SSE event carrying a JSON body."""
-    return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    text = json.dumps(body, ensure_ascii=False, separators=(",", ":")).translate(_LINE_BREAKS)
+    return f"data: {text}\n\n"
 
 
 async def engine_outputs(
