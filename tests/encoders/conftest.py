@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import threading
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -12,25 +10,9 @@ import pytest
 
 from surge.encoders import EncoderClient, EncoderConfig, pull_default_embedding_model
 from tests.encoders.tiny_encoders import make_tiny_embedding_dir, make_tiny_reranker_dir
+from tests.loop_thread import LoopThread
 
 T = TypeVar("T")
-
-
-class LoopThread:
-    """One event loop on a thread, shared by a module's tests (a client is bound to its loop)."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Coroutine[object, object, T], timeout: float = 60.0) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
 
 
 @pytest.fixture(scope="module")

