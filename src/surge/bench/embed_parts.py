@@ -152,7 +152,10 @@ def run_throughput(cfg: EmbedBenchConfig, texts: list[str]) -> dict[str, object]
             cfg.target
         )
     else:
-        surge = surge_baseline(["--model", f"{cfg.embedding_model}={model_dir}"], cfg)
+        # the worker gets the baselines' threads here (alone on the machine; beside chat it
+        # runs on one thread, niced)
+        extra = ["--model", f"{cfg.embedding_model}={model_dir}"]
+        surge = surge_baseline([*extra, "--encoder-threads", str(cfg.num_threads)], cfg)
         out["surge"] = run_on_server(surge, sweep("surge", cfg.embedding_model))
     if "naive" in cfg.baselines:
         cmd = [sys.executable, "-m", "surge.bench.naive_embed_server", str(model_dir)]
