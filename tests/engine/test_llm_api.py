@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from surge import LLM, InvalidRequestError, SamplingParams
+from surge.engine.messages import EngineCoreRequest
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +96,14 @@ def test_bad_input_raises_and_engine_keeps_serving(llm: LLM) -> None:
 def test_out_of_vocab_token_finishes_that_request_with_error(llm: LLM) -> None:
     engine = llm.engine
     vocab = engine.core.runner.vocab_size
-    engine.add_request("bad", [vocab + 5], SamplingParams(max_tokens=2))
+    with pytest.raises(InvalidRequestError):  # the front end refuses it before the core
+        engine.add_request("bad", [vocab + 5], SamplingParams(max_tokens=2))
+    # and should one get past a front end, the core fails that request alone
+    engine.core.add_request(
+        EngineCoreRequest("bad", [vocab + 5], SamplingParams(max_tokens=2), 0.0)
+    )
+    errors = engine.core.step().outputs
+    assert [(o.req_id, o.finish_reason) for o in errors] == [("bad", "error")] and errors[0].error
     engine.add_request(
         "good", [5, 6, 7], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
     )
@@ -104,7 +112,6 @@ def test_out_of_vocab_token_finishes_that_request_with_error(llm: LLM) -> None:
         for out in engine.step():
             if out.finished:
                 done[out.req_id] = out
-    assert done["bad"].outputs[0].finish_reason == "error" and done["bad"].error
     assert len(done["good"].outputs[0].token_ids) == 2
 
 
