@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+# A row joins a batch only if padding it to the batch's longest row wastes at most this
+# fraction of that width: on CPU a padded token costs what a real one does, and batching gains
+# less than padding a wide spread of lengths loses (measured: BENCHMARKS.md, embeddings).
+MAX_PAD_FRACTION = 0.25
 # A window holds up to this many batches' worth of tokens: enough rows to sort by length, few
 # enough that requests arriving meanwhile wait a bounded time (windows are taken FIFO).
 WINDOW_BATCHES = 4
@@ -35,8 +39,8 @@ def plan_batches(
     lengths: Sequence[int], max_batch_tokens: int, max_batch_size: int
 ) -> list[list[int]]:
     """Split a window into batches: indices sorted by length, longest first, each batch's padded
-    size (rows x its longest row) within max_batch_tokens and its rows within max_batch_size; a
-    row longer than the budget runs alone."""
+    size (rows x its longest row) within max_batch_tokens, its rows within max_batch_size and
+    each row within MAX_PAD_FRACTION of the longest; a row longer than the budget runs alone."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches: list[list[int]] = []
     current: list[int] = []
@@ -44,7 +48,9 @@ def plan_batches(
         # Longest first, so the batch's first row sets its padded width.
         width = lengths[current[0]] if current else lengths[i]
         if current and (
-            (len(current) + 1) * width > max_batch_tokens or len(current) >= max_batch_size
+            (len(current) + 1) * width > max_batch_tokens
+            or len(current) >= max_batch_size
+            or lengths[i] < (1 - MAX_PAD_FRACTION) * width
         ):
             batches.append(current)
             current = []
