@@ -129,7 +129,10 @@ async def list_models(state: StateDep, key: KeyDep) -> ModelList:
         model_state, reason = status.state.value, status.reason
         handle = state.registry.handle(name)
         if isinstance(handle, ChatHandle) and handle.engine.breaker_open:
-            model_state, reason = "failed", f"engine crashed too often: {handle.engine.last_failure}"
+            model_state, reason = (
+                "failed",
+                f"engine crashed too often: {handle.engine.last_failure}",
+            )
         cards.append(
             ModelCard(
                 id=name,
