@@ -202,7 +202,8 @@ def demand_server(
     (broken / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
     args = [*TINY_ARGS, "--models-dir", str(root), "--memory-budget", "3GiB"]
-    args += ["--admin-api-key", ADMIN, "--keepalive-interval", "0.05"]
+    args += ["--admin-api-key", ADMIN, "--keepalive-interval", "0.05", "--unload-grace", "0.5"]
+    args += ["--max-num-seqs", "1"]  # n=8 choices run one after another: a long request
     with remote_server(None, args) as server:
         yield server
 
@@ -244,6 +245,25 @@ def test_budget_evicts_the_idle_model_and_refuses_what_cannot_fit(
     message = refused.json()["error"]["message"]
     assert "budget" in message and "GiB" in message
     assert rest[-1] == "[DONE]"  # the stream in flight finished untouched
+
+
+def test_unload_past_its_grace_ends_in_flight_requests_with_an_error(
+    demand_server: RemoteSurgeServer,
+) -> None:
+    complete(demand_server, "qwen", "Paris", 2)  # loaded (llama, if loaded, is evicted)
+    body = {"model": "qwen", "prompt": "x", "max_tokens": 480, "n": 8, "stream": True}
+    body["ignore_eos"] = True
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    with httpx.stream("POST", demand_server.url("/v1/completions"), json=body, timeout=300) as r:
+        lines = r.iter_lines()
+        next(e for e in sse_events(lines) if not e.startswith(":"))  # generating
+        unload = httpx.post(demand_server.url("/v1/models/qwen/unload"), headers=admin, timeout=120)
+        rest = list(sse_events(lines))
+    assert unload.status_code == 200 and unload.json()["aborted"] == 1
+    errors = [json.loads(e) for e in rest if e.startswith("{") and '"error"' in e]
+    assert rest[-1] == "[DONE]" and errors, rest[-3:]
+    assert "unloaded" in errors[0]["error"]["message"]
+    assert states(demand_server)["qwen"] == "unloaded"
 
 
 def test_corrupt_model_fails_with_reason_others_keep_serving(
