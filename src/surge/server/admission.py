@@ -73,6 +73,11 @@ class _KeyState:
     tpm: TokenBucket | None
     in_flight: int = 0
 
+    def charge_tokens(self, num_tokens: int) -> None:
+        """Take tokens from the tokens/min bucket (it may go into debt)."""
+        if self.tpm is not None:
+            self.tpm.level -= num_tokens
+
 
 @dataclass(slots=True)
 class Ticket:
@@ -183,10 +188,12 @@ class Admission:
         n: int,
         priority: int | None,
         arrival: float,
-        model: str = "",
-        max_num_seqs: int = 1,
+        *,
+        model: str,
+        max_num_seqs: int,
     ) -> Ticket:
-        """Take the request in, or raise the APIError (429/503) that refuses it."""
+        """Take the request in on `model` (which runs `max_num_seqs` at once), or raise the
+        APIError (429/503) that refuses it."""
         if self.draining:
             raise self.reject(503, "draining", "the server is shutting down")
         self.check_key(key)
@@ -199,12 +206,7 @@ class Admission:
                 f"the server is at capacity (queue of {self.config.max_queue} full); retry later",
                 self.config.retry_after,
             )
-        state = self._key_state(key)
-        state.in_flight += 1
-        if state.rpm is not None:
-            state.rpm.level -= 1
-        if state.tpm is not None:
-            state.tpm.level -= num_prompt_tokens
+        self._take_key_slot(key).charge_tokens(num_prompt_tokens)
         c = self.config
         ticket = Ticket(
             req_id,
@@ -215,8 +217,8 @@ class Admission:
             arrival,
             deadline=None if c.request_timeout is None else arrival + c.request_timeout,
             queue_deadline=None if c.queue_timeout is None else arrival + c.queue_timeout,
+            model=model,
         )
-        ticket.model = model
         self.tickets[req_id] = ticket
         self.num_seqs_in_flight[model] = in_flight + n
         return ticket
@@ -232,8 +234,7 @@ class Admission:
             ticket.lease.release()
         state = self._key_state(ticket.key)
         state.in_flight -= 1
-        if state.tpm is not None:
-            state.tpm.level -= ticket.num_output_tokens
+        state.charge_tokens(ticket.num_output_tokens)
         self._observe(ticket, time.monotonic())
 
     @contextlib.contextmanager
@@ -243,19 +244,19 @@ class Admission:
         if self.draining:
             raise self.reject(503, "draining", "the server is shutting down")
         self.check_key(key)
+        state = self._take_key_slot(key)
+        try:
+            yield state.charge_tokens
+        finally:
+            state.in_flight -= 1
+
+    def _take_key_slot(self, key: KeyInfo) -> _KeyState:
+        """Count one more request of this key in flight and charge its request/min bucket."""
         state = self._key_state(key)
         state.in_flight += 1
         if state.rpm is not None:
             state.rpm.level -= 1
-
-        def charge(num_tokens: int) -> None:
-            if state.tpm is not None:
-                state.tpm.level -= num_tokens
-
-        try:
-            yield charge
-        finally:
-            state.in_flight -= 1
+        return state
 
     def _observe(self, t: Ticket, now: float) -> None:
         m, model = self.metrics, t.model

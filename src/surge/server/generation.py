@@ -189,10 +189,8 @@ async def _collect(outputs: AsyncIterator[RequestOutput | None], ticket: Ticket)
     async for out in outputs:
         if out is not None:
             last = out
-    if last is None or not last.finished:
+    if last is None or not last.finished:  # (a passed deadline raised in engine_outputs)
         ticket.outcome = "abort"
-        if ticket.aborted_for in ("queue_timeout", "request_timeout"):
-            raise ticket.timeout()
         raise APIError(
             503, "the request was aborted (server shutting down)", type="service_unavailable"
         )

@@ -10,8 +10,15 @@ from fastapi.responses import Response
 
 from surge.engine.async_engine import AsyncEngine
 from surge.engine.inputs import check_request_fits
+from surge.engine.request import SamplingParams
 from surge.router import ModelKind, ModelState
-from surge.server.generation import GenerationCall, chat_prompt_ids, generate, off_loop_if_large
+from surge.server.generation import (
+    GenerationCall,
+    Prepare,
+    chat_prompt_ids,
+    generate,
+    off_loop_if_large,
+)
 from surge.server.models import ChatHandle
 from surge.server.protocol import (
     APIError,
@@ -57,21 +64,7 @@ async def create_chat_completion(
         )
         return prompt_ids, renderer
 
-    keep_alive = request_keep_alive(body.keep_alive)
-    return await generate(
-        GenerationCall(
-            request,
-            state,
-            key,
-            model,
-            keep_alive,
-            prepare,
-            params,
-            body.stream,
-            body.priority,
-            arrival,
-        )
-    )
+    return await _generate(body, request, state, key, model, params, prepare, arrival)
 
 
 @router.post("/v1/completions", operation_id="create_completion")
@@ -87,10 +80,12 @@ async def create_completion(
     async def prepare(engine: AsyncEngine) -> tuple[list[int], Renderer]:
         size = len(prompt) if isinstance(prompt, str) else 0
         text, prompt_ids = await off_loop_if_large(size, engine.encode_prompt, prompt)
-        check_request_fits(prompt_ids, params.max_tokens, engine.limits)  # before echo decodes
         echo = ""
-        if body.echo:
-            echo = text if text is not None else engine.tokenizer.decode(prompt_ids)
+        if body.echo and text is None:  # token ids are checked before they are decoded
+            check_request_fits(prompt_ids, params.max_tokens, engine.limits)
+            echo = engine.tokenizer.decode(prompt_ids)
+        elif body.echo:
+            echo = text
         renderer = Renderer(
             "completion",
             f"cmpl-{uuid.uuid4().hex}",
@@ -102,21 +97,24 @@ async def create_completion(
         )
         return prompt_ids, renderer
 
+    return await _generate(body, request, state, key, model, params, prepare, arrival)
+
+
+async def _generate(
+    body: ChatCompletionRequest | CompletionRequest,
+    request: Request,
+    state: StateDep,
+    key: KeyDep,
+    model: str,
+    params: SamplingParams,
+    prepare: Prepare,
+    arrival: float,
+) -> Response:
     keep_alive = request_keep_alive(body.keep_alive)
-    return await generate(
-        GenerationCall(
-            request,
-            state,
-            key,
-            model,
-            keep_alive,
-            prepare,
-            params,
-            body.stream,
-            body.priority,
-            arrival,
-        )
+    call = GenerationCall(
+        request, state, key, model, keep_alive, prepare, params, body.stream, body.priority, arrival
     )
+    return await generate(call)
 
 
 @router.get("/v1/models", operation_id="list_models")
