@@ -461,6 +461,25 @@ def test_concurrent_loads_reserve_their_memory() -> None:
     asyncio.run(main())
 
 
+def test_a_load_waits_for_an_unload_in_progress_instead_of_refusing() -> None:
+    async def main() -> None:
+        costs = {"a": 3 * GiB, "b": 3 * GiB}
+        registry, starter, _ = make_registry([spec("a"), spec("b")], costs, budget=4 * GiB)
+        lease = await registry.acquire("a")
+        unload = asyncio.create_task(registry.unload("a", grace_s=10.0))
+        await asyncio.sleep(0.01)
+        assert state(registry, "a") is ModelState.UNLOADING  # its memory is on its way back
+        acquire_b = asyncio.create_task(registry.acquire("b"))
+        await asyncio.sleep(0.01)
+        assert not acquire_b.done()
+        lease.release()
+        assert await unload == 0
+        (await acquire_b).release()
+        assert state(registry, "b") is ModelState.LOADED and starter.calls == ["a", "b"]
+
+    asyncio.run(main())
+
+
 # ---- crashes ----
 
 

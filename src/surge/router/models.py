@@ -10,9 +10,9 @@ decides when to start and stop them. All methods run on the event loop's thread.
   then `tick` unloads it; 0 unloads it as soon as it is idle; None never. Each `acquire` sets the
   model's keep_alive to the request's, else to the spec's: the latest request wins.
 - Pinned models are never expired, never evicted, whatever a request's keep_alive says.
-- Memory budget: before a load, idle unpinned models are evicted least recently used first
-  (memory.choose_evictions) until the new one fits; if it can't, the load fails at once with
-  InsufficientMemoryError and the model stays UNLOADED.
+- Memory budget: before a load, unloads in progress are waited for, then idle unpinned models are
+  evicted least recently used first (memory.choose_evictions) until the new one fits; if it
+  can't, the load fails at once with InsufficientMemoryError and the model stays UNLOADED.
 - Crashes: `mark_failed` (or `tick` finding a dead handle) makes it FAILED; the next `acquire`
   after the backoff (state.backoff_delay) restarts it; before then it raises with retry_after.
 """
@@ -210,6 +210,14 @@ class ModelRegistry:
         if self._budget is None or entry.cost is None:
             return
         async with self._budget_lock:
+            # memory an unload is giving back (keep_alive, admin) is not in use: wait for it
+            # rather than refuse a model that fits once it is back
+            unloading = [
+                e.unload_done
+                for e in self._entries.values()
+                if e.state is ModelState.UNLOADING and e.unload_done is not None
+            ]
+            await asyncio.gather(*(asyncio.shield(f) for f in unloading))
             others = [e for e in self._entries.values() if self._holds_memory(e)]
             in_use = sum(e.cost.total_bytes for e in others if e.cost is not None)
             candidates = [
