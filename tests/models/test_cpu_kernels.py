@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import ctypes
+import functools
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from surge.kernels import CpuKernels, build_library, find_compiler, load_cpu_kernels
+from surge.kernels import (
+    AMX_BF16,
+    AVX512_BF16,
+    CpuKernels,
+    build_library,
+    cpu_flags,
+    find_compiler,
+    load_cpu_kernels,
+    probe_amx,
+)
 from surge.models.layers import RMSNorm, apply_rotary
 
 pytestmark = pytest.mark.skipif(
@@ -189,16 +200,36 @@ def test_argmax_matches_torch(kernels, cols):
     assert kernels.argmax(logits) == logits.argmax(dim=-1).tolist()
 
 
-def _linear_kernels(kernels: CpuKernels) -> CpuKernels:
-    if not kernels.has_linear:
+@functools.cache
+def _native_library() -> Path:
+    return build_library(find_compiler())
+
+
+@functools.cache
+def _amx_unavailable() -> str | None:
+    """Why this machine can't run the AMX linear, or None."""
+    if not {"amx_tile", "amx_bf16"} <= cpu_flags():
+        return "the CPU has no AMX-BF16: the AMX path is checked on CPUs that have it"
+    return probe_amx(_native_library())
+
+
+@pytest.fixture(scope="module", params=[AVX512_BF16, AMX_BF16])
+def linear_kernels(request) -> CpuKernels:
+    """The native library with each bf16 linear implementation (one per process in the engine)."""
+    lib = ctypes.CDLL(str(_native_library()))
+    if not lib.surge_linear_bf16_supported():
         pytest.skip("this build has no bf16 linear kernel (needs AVX-512 BF16)")
-    return kernels
+    if request.param == AMX_BF16 and (reason := _amx_unavailable()) is not None:
+        pytest.skip(reason)
+    return CpuKernels(lib, linear_isa=request.param)
 
 
-@pytest.mark.parametrize("rows", [1, 5, 12, 13, 32, 64, 100])
-@pytest.mark.parametrize("n,k,bias", [(960, 576, False), (70, 64, True), (32, 1536, True)])
-def test_linear_matches_float_reference(kernels, rows, n, k, bias):
-    kernels = _linear_kernels(kernels)
+@pytest.mark.parametrize("rows", [1, 5, 12, 13, 16, 17, 32, 33, 64, 100])
+@pytest.mark.parametrize(
+    "n,k,bias", [(960, 576, False), (70, 64, True), (32, 1536, True), (40, 48, True)]
+)
+def test_linear_matches_float_reference(linear_kernels, rows, n, k, bias):
+    kernels = linear_kernels
     gen = torch.Generator().manual_seed(rows * 7 + n)
     x = torch.randn(rows, k, generator=gen).bfloat16()
     w = (torch.randn(n, k, generator=gen) / k**0.5).bfloat16()
@@ -217,8 +248,8 @@ def test_linear_matches_float_reference(kernels, rows, n, k, bias):
     assert torch.equal(exact.bfloat16(), got)
 
 
-def test_linear_is_batch_invariant_and_takes_strided_rows(kernels):
-    kernels = _linear_kernels(kernels)
+def test_linear_is_batch_invariant_and_takes_strided_rows(linear_kernels):
+    kernels = linear_kernels
     gen = torch.Generator().manual_seed(11)
     wide = torch.randn(37, 3 * 128, generator=gen).bfloat16()
     x = wide[:, 128:256]  # rows 384 apart, as a slice of a fused projection
@@ -226,7 +257,7 @@ def test_linear_is_batch_invariant_and_takes_strided_rows(kernels):
     b = torch.randn(200, generator=gen).bfloat16()
     packed = kernels.pack_linear(w)
     batch = kernels.linear(x, packed, 200, b)
-    for i in [0, 11, 12, 36]:  # first/last rows of the kernel's row groups, whatever the batch
+    for i in [0, 11, 12, 15, 16, 31, 32, 36]:  # first/last rows of either kernel's row groups
         assert torch.equal(kernels.linear(x[i : i + 1], packed, 200, b), batch[i : i + 1])
     assert torch.equal(kernels.linear(x[10:30], packed, 200, b), batch[10:30])
     assert torch.equal(kernels.linear(x.reshape(1, 37, 128), packed, 200, b)[0], batch)
@@ -240,3 +271,25 @@ def test_linear_refuses_what_it_cannot_take(kernels):
         packed = kernels.pack_linear(torch.ones(8, 8, dtype=torch.bfloat16))
         with pytest.raises(TypeError, match="float32"):
             kernels.linear(torch.ones(2, 8), packed, 8, None)
+
+
+def test_linear_isa_is_one_of_the_two_and_refuses_others():
+    lib = ctypes.CDLL(str(_native_library()))
+    assert load_cpu_kernels().linear_isa in (AMX_BF16, AVX512_BF16)
+    with pytest.raises(ValueError, match="linear_isa"):
+        CpuKernels(lib, linear_isa="sse2")
+
+
+def test_amx_probe_reports_why_a_library_without_amx_is_refused():
+    generic = build_library(find_compiler(), ("-DSURGE_GENERIC",))
+    assert "not built with AMX" in probe_amx(generic)
+    with pytest.raises(ValueError, match="not built with AMX"):
+        CpuKernels(ctypes.CDLL(str(generic)), linear_isa=AMX_BF16)
+
+
+def test_forced_avx512_skips_the_probe(monkeypatch):
+    from surge.kernels import choose_linear_isa
+
+    monkeypatch.setenv("SURGE_CPU_LINEAR", "avx512")
+    lib = ctypes.CDLL(str(_native_library()))
+    assert choose_linear_isa(_native_library(), lib) == AVX512_BF16

@@ -4,6 +4,12 @@ The source is plain C++ (no torch headers), so a build takes seconds; the shared
 cached under ~/.cache/surge/kernels ($SURGE_KERNEL_CACHE), keyed by the source, the compiler and
 the CPU (it is built with -march=native). Where no C++ compiler works, `load_cpu_kernels`
 returns None and the models keep their pure-torch path. SURGE_CPU_KERNELS=0 turns them off.
+
+The bf16 linear has two implementations over one packed layout: AMX tiles and AVX-512 BF16 dot
+products. They round differently (AMX keeps more precision inside a tile's dot product), so the
+choice is made once per process, from the CPU, never per batch size: a row's result must not
+depend on its batch. AMX is chosen only after a probe in a child process proved it runs here
+(`choose_linear_isa`); SURGE_CPU_LINEAR=avx512 forces the AVX-512 kernel.
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ import logging
 import os
 import platform
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -27,6 +35,15 @@ SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 SUPPORTED_DTYPES = {torch.bfloat16: "bf16", torch.float32: "f32"}
 LINEAR_COLS = 32  # output columns per block of a packed linear weight (kLinearCols)
+AMX_DEPTH = 32  # the AMX linear takes K in steps of one tile's depth (kAmxDepth)
+AMX_BF16 = "amx-bf16"
+AVX512_BF16 = "avx512-bf16"
+LINEAR_ISAS = (AMX_BF16, AVX512_BF16)
+_PROBE_FAILURES = {
+    2: "Linux refused the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)",
+    3: "the AMX linear gave wrong results",
+    4: "the library was not built with AMX (the compiler or CPU lacks AMX-BF16)",
+}
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
@@ -44,9 +61,15 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 class CpuKernels:
-    """Typed entry points of the compiled library; tensors must be contiguous CPU bf16/fp32."""
+    """Typed entry points of the compiled library; tensors must be contiguous CPU bf16/fp32.
 
-    def __init__(self, lib: ctypes.CDLL) -> None:
+    linear_isa: the bf16 linear's implementation, AMX_BF16 (only where the probe passed) or
+    AVX512_BF16 (the default).
+    """
+
+    def __init__(self, lib: ctypes.CDLL, linear_isa: str = AVX512_BF16) -> None:
+        if linear_isa not in LINEAR_ISAS:
+            raise ValueError(f"linear_isa must be one of {LINEAR_ISAS}, not {linear_isa!r}")
         self._fns: dict[tuple[str, str], ctypes._CFuncPtr] = {}
         for name, argtypes in _SIGNATURES.items():
             for suffix in SUPPORTED_DTYPES.values():
@@ -64,6 +87,15 @@ class CpuKernels:
         self._linear = lib.surge_linear_bf16
         self._linear.argtypes = [_P, _P, _P, _P, _I, _I, _I, _I, _I, ctypes.c_int]
         self._linear.restype = None
+        self._linear_amx = lib.surge_linear_amx
+        self._linear_amx.argtypes = self._linear.argtypes
+        self._linear_amx.restype = None
+        self.linear_isa = linear_isa
+        if linear_isa == AMX_BF16:
+            if not lib.surge_linear_amx_supported():
+                raise ValueError(_PROBE_FAILURES[4])
+            if lib.surge_amx_request_permission() != 0:  # per process: every thread may tile
+                raise OSError(_PROBE_FAILURES[2])
 
     @staticmethod
     def supports(dtype: torch.dtype, head_dim: int) -> bool:
@@ -204,7 +236,9 @@ class CpuKernels:
         if rows.stride(-1) != 1:
             rows = rows.contiguous()
         out = torch.empty((rows.shape[0], out_features), dtype=out_dtype)
-        self._linear(
+        # per layer (its K), never per batch: the two round differently
+        amx = self.linear_isa == AMX_BF16 and k % AMX_DEPTH == 0
+        (self._linear_amx if amx else self._linear)(
             out.data_ptr(),
             rows.data_ptr(),
             packed.data_ptr(),
@@ -274,6 +308,56 @@ def find_compiler() -> str | None:
     return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
 
 
+def probe_amx(library: Path) -> str | None:
+    """None where the AMX linear ran correctly in a child process; else why it can't be used."""
+    code = "import ctypes, sys; sys.exit(ctypes.CDLL(sys.argv[1]).surge_amx_probe())"
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", code, str(library)], capture_output=True, text=True, timeout=120
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"the AMX probe could not run: {exc}"
+    if proc.returncode == 0:
+        return None
+    if proc.returncode < 0:
+        return f"the AMX probe died with {signal.Signals(-proc.returncode).name}"
+    detail = _PROBE_FAILURES.get(proc.returncode, proc.stderr.strip()[-500:])
+    return f"the AMX probe failed: {detail}"
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where it can't be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def choose_linear_isa(library: Path, lib: ctypes.CDLL) -> str:
+    """AMX where the CPU has it and the probe passed; AVX-512 BF16 otherwise. Logs the choice."""
+    forced = os.environ.get("SURGE_CPU_LINEAR", "auto")
+    if forced in ("avx512", AVX512_BF16):
+        logger.info("bf16 linears: AVX-512 BF16 kernel (SURGE_CPU_LINEAR=%s)", forced)
+        return AVX512_BF16
+    if forced not in ("auto", "amx", AMX_BF16):
+        logger.warning("SURGE_CPU_LINEAR=%s is not auto, amx or avx512: treated as auto", forced)
+    if not lib.surge_linear_bf16_supported():
+        return AVX512_BF16  # no bf16 linear kernel at all: the models use oneDNN's
+    if not {"amx_tile", "amx_bf16"} <= cpu_flags():
+        logger.info("bf16 linears: AVX-512 BF16 kernel (the CPU has no AMX-BF16)")
+        return AVX512_BF16
+    failure = probe_amx(library)
+    if failure is not None:
+        logger.warning("bf16 linears: AVX-512 BF16 kernel, not AMX: %s", failure)
+        return AVX512_BF16
+    logger.info("bf16 linears: AMX-BF16 tiles (the start-up probe passed)")
+    return AMX_BF16
+
+
 @functools.cache
 def load_cpu_kernels() -> CpuKernels | None:
     """The compiled kernels, or None where they are turned off or cannot be built here."""
@@ -284,7 +368,9 @@ def load_cpu_kernels() -> CpuKernels | None:
         logger.warning("no C++ compiler found: fused CPU kernels off (pure torch path)")
         return None
     try:
-        return CpuKernels(ctypes.CDLL(str(build_library(compiler))))
+        library = build_library(compiler)
+        lib = ctypes.CDLL(str(library))
+        return CpuKernels(lib, choose_linear_isa(library, lib))
     except (OSError, subprocess.CalledProcessError, AttributeError) as exc:
         detail = getattr(exc, "stderr", "") or exc
         logger.warning("fused CPU kernels failed to build, pure torch path: %s", detail)

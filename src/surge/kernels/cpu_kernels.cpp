@@ -19,6 +19,12 @@
 #include <type_traits>
 #include <vector>
 
+#include <cerrno>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace {
 
 using bf16 = uint16_t;
@@ -606,6 +612,148 @@ void linear_bf16(Out* out, const bf16* x, const bf16* packed, const bf16* bias, 
 }
 #endif
 
+#if SURGE_LINEAR_BF16 && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define SURGE_LINEAR_AMX 1
+// The same linear on AMX tiles, over the same packed weight: a block's [K/2][32][2] layout is
+// two B tiles side by side (16 pairs x 16 columns x 2, a row stride of 128 bytes), and x's rows
+// load as A tiles straight from memory. A C tile accumulates one output element's dot product
+// over K in the order the AVX-512 kernel does, one pair of products at a time; the start-up
+// probe (surge_amx_probe) checks the two agree bit for bit before this path is used, so the
+// rule holds across the switch: a row's result does not depend on the other rows. K must be a
+// multiple of 32 (a tile's depth); other shapes take the AVX-512 kernel.
+constexpr int kAmxRows = 16;   // rows of an A / C tile
+constexpr int kAmxDepth = 32;  // bf16 values of K per A tile row
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// tiles 0-3: C (row group r, column tile j) at 2 r + j; 4-5: A (row group r); 6-7: B (tile j)
+inline void amx_config(int rows0, int rows1) {
+  TileConfig cfg;
+  const int rows[2] = {rows0, rows1};
+  for (int r = 0; r < 2; ++r) {
+    for (int j = 0; j < 2; ++j) {
+      cfg.rows[2 * r + j] = uint8_t(rows[r]);
+      cfg.colsb[2 * r + j] = rows[r] ? 64 : 0;
+    }
+    cfg.rows[4 + r] = uint8_t(rows[r]);
+    cfg.colsb[4 + r] = rows[r] ? 64 : 0;
+  }
+  for (int j = 0; j < 2; ++j) {
+    cfg.rows[6 + j] = kAmxDepth / 2;
+    cfg.colsb[6 + j] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// C tiles (float32 16 x 16) to out, with the bias added and bf16 rounding where Out is bf16.
+template <class Out>
+void amx_store(Out* out, int64_t out_stride, const float* c, int rows, const bf16* bias,
+               const __mmask16* cols) {
+  for (int j = 0; j < 2; ++j) {
+    const __m512 b = bias == nullptr ? _mm512_setzero_ps()
+                                     : _mm512_castsi512_ps(_mm512_slli_epi32(
+                                           _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(
+                                               cols[j], bias + 16 * j)),
+                                           16));
+    for (int m = 0; m < rows; ++m) {
+      const __m512 acc = _mm512_loadu_ps(c + (j * kAmxRows + m) * 16);
+      const __m512 r = bias == nullptr ? acc : _mm512_add_ps(acc, b);
+      if constexpr (std::is_same_v<Out, float>) {
+        _mm512_mask_storeu_ps(out + m * out_stride + 16 * j, cols[j], r);
+      } else {
+        _mm256_mask_storeu_epi16(out + m * out_stride + 16 * j, cols[j],
+                                 (__m256i)_mm512_cvtneps_pbh(r));
+      }
+    }
+  }
+}
+
+// Up to 32 rows of x against one 32-column block: two row groups of up to 16 share each B load.
+template <class Out>
+void amx_block_rows(Out* out, int64_t out_stride, const bf16* x, int64_t x_stride, const bf16* blk,
+                    int64_t k, int rows0, int rows1, const bf16* bias, const __mmask16* cols,
+                    float* scratch, const char* next) {
+  _tile_zero(0);
+  _tile_zero(1);
+  if (rows1) {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  const int64_t xs = x_stride * 2;
+  const bf16* x1 = x + kAmxRows * x_stride;
+  for (int64_t k0 = 0; k0 < k; k0 += kAmxDepth) {
+    const bf16* b = blk + k0 * kLinearCols;  // (k0 / 2) pairs of 32 columns x 2
+    if (next != nullptr) {
+      const char* nb = next + k0 * kLinearCols * 2;
+      for (int l = 0; l < kAmxDepth * kLinearCols * 2 / 64; ++l) prefetch_l2(nb + 64 * l);
+    }
+    _tile_loadd(6, b, kLinearCols * 4);
+    _tile_loadd(7, b + 32, kLinearCols * 4);
+    _tile_loadd(4, x + k0, xs);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    if (rows1) {
+      _tile_loadd(5, x1 + k0, xs);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, scratch, 64);
+  _tile_stored(1, scratch + kAmxRows * 16, 64);
+  amx_store(out, out_stride, scratch, rows0, bias, cols);
+  if (rows1) {
+    _tile_stored(2, scratch, 64);
+    _tile_stored(3, scratch + kAmxRows * 16, 64);
+    amx_store(out + kAmxRows * out_stride, out_stride, scratch, rows1, bias, cols);
+  }
+}
+
+template <class Out>
+void linear_amx(Out* out, const bf16* x, const bf16* packed, const bf16* bias, int64_t m,
+                int64_t n, int64_t k, int64_t x_stride, int64_t out_stride) {
+  if (m <= 0) return;
+  const int64_t blocks = (n + kLinearCols - 1) / kLinearCols, kpairs = k / 2;
+  const int64_t block_elems = kpairs * kLinearCols * 2;
+  const int64_t pairs_of_groups = (m + 2 * kAmxRows - 1) / (2 * kAmxRows);
+#pragma omp parallel
+  {
+    alignas(64) float scratch[2 * kAmxRows * 16];
+    int cfg0 = -1, cfg1 = -1;
+    const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
+    const int64_t first = t * blocks / threads, end = (t + 1) * blocks / threads;
+    for (int64_t b = first; b < end; ++b) {
+      const int64_t c0 = b * kLinearCols, width = std::min(kLinearCols, n - c0);
+      __mmask16 cols[2];
+      for (int j = 0; j < 2; ++j) {
+        const int64_t c = width - 16 * j;
+        cols[j] = c >= 16 ? __mmask16(0xffff) : c <= 0 ? __mmask16(0) : __mmask16((1u << c) - 1);
+      }
+      const bf16* blk = packed + b * block_elems;
+      const bf16* bs = bias == nullptr ? nullptr : bias + c0;
+      for (int64_t g = 0; g < pairs_of_groups; ++g) {
+        const int64_t r0 = g * 2 * kAmxRows, left = m - r0;
+        const int rows0 = int(std::min<int64_t>(kAmxRows, left));
+        const int rows1 = int(std::clamp<int64_t>(left - kAmxRows, 0, kAmxRows));
+        if (rows0 != cfg0 || rows1 != cfg1) {
+          amx_config(rows0, rows1);
+          cfg0 = rows0;
+          cfg1 = rows1;
+        }
+        amx_block_rows(out + r0 * out_stride + c0, out_stride, x + r0 * x_stride, x_stride, blk, k,
+                       rows0, rows1, bs, cols, scratch,
+                       g == 0 && b + 1 < end ? reinterpret_cast<const char*>(blk + block_elems)
+                                             : nullptr);
+      }
+    }
+    if (cfg0 >= 0) _tile_release();
+  }
+}
+#endif
+
 // out = round(round(silu(gate)) * up) over rows of [gate | up], as torch computes it.
 template <class T>
 void silu_and_mul(T* out, const T* gate_up, int64_t rows, int64_t width) {
@@ -714,6 +862,71 @@ extern "C" void surge_linear_bf16(void* out, const void* x, const void* packed, 
     linear_bf16(static_cast<float*>(out), xb, pb, bb, m, n, k, x_stride, out_stride);
   } else {
     linear_bf16(static_cast<bf16*>(out), xb, pb, bb, m, n, k, x_stride, out_stride);
+  }
+#endif
+}
+
+// 1 where the AMX linear was compiled in (the compiler targets AMX-BF16), else 0.
+extern "C" int surge_linear_amx_supported() {
+#if SURGE_LINEAR_AMX
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// Asks Linux for the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA): without
+// it the first tile instruction raises SIGILL. 0 on success, else errno.
+extern "C" int surge_amx_request_permission() {
+#if defined(__linux__) && defined(__x86_64__)
+  constexpr long kReqXcompPerm = 0x1023, kXtiledata = 18;
+  return syscall(SYS_arch_prctl, kReqXcompPerm, kXtiledata) == 0 ? 0 : errno;
+#else
+  return ENOSYS;
+#endif
+}
+
+// The start-up probe, run in a child process (a CPU or kernel that refuses the tile state kills
+// it with SIGILL, not the server): asks for the tile state, runs the AMX linear on a small case
+// with row and column tails, and checks it against double-precision sums. 0 when the path works;
+// 2: the kernel refused the tile state; 3: wrong results; 4: not compiled in.
+extern "C" int surge_amx_probe() {
+#if SURGE_LINEAR_AMX
+  if (surge_amx_request_permission() != 0) return 2;
+  constexpr int64_t m = 37, n = 40, k = 96;
+  std::vector<bf16> x(m * k), w(n * k), bias(n), packed(((n + kLinearCols - 1) / kLinearCols) *
+                                                         kLinearCols * k);
+  auto to_bf16 = [](float f) { return store<bf16>(f); };
+  for (int64_t i = 0; i < m * k; ++i) x[i] = to_bf16(float((i * 37 + 11) % 17) / 8.0f - 1.0f);
+  for (int64_t i = 0; i < n * k; ++i) w[i] = to_bf16(float((i * 53 + 5) % 13) / 6.0f - 1.0f);
+  for (int64_t i = 0; i < n; ++i) bias[i] = to_bf16(float(i % 5) - 2.0f);
+  pack_linear_bf16(packed.data(), w.data(), n, k);
+  std::vector<float> out(m * n);
+  linear_amx(out.data(), x.data(), packed.data(), bias.data(), m, n, k, k, n);
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t c = 0; c < n; ++c) {
+      double ref = load(bias[c]);
+      for (int64_t i = 0; i < k; ++i) ref += double(load(x[r * k + i])) * load(w[c * k + i]);
+      if (std::fabs(out[r * n + c] - ref) > 1e-3 * (1.0 + std::fabs(ref))) return 3;
+    }
+  return 0;
+#else
+  return 4;
+#endif
+}
+
+// out = x W^T + b on AMX tiles; same arguments as surge_linear_bf16, k a multiple of 32.
+extern "C" void surge_linear_amx(void* out, const void* x, const void* packed, const void* bias,
+                                 int64_t m, int64_t n, int64_t k, int64_t x_stride,
+                                 int64_t out_stride, int out_f32) {
+#if SURGE_LINEAR_AMX
+  const auto* xb = static_cast<const bf16*>(x);
+  const auto* pb = static_cast<const bf16*>(packed);
+  const auto* bb = static_cast<const bf16*>(bias);
+  if (out_f32) {
+    linear_amx(static_cast<float*>(out), xb, pb, bb, m, n, k, x_stride, out_stride);
+  } else {
+    linear_amx(static_cast<bf16*>(out), xb, pb, bb, m, n, k, x_stride, out_stride);
   }
 #endif
 }

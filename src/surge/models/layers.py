@@ -145,10 +145,11 @@ class Linear(nn.Linear):
     """nn.Linear that can trade its weight for a pre-packed layout once loaded.
 
     On a CPU with AVX-512 BF16 and the CPU kernels on, bf16 weights go to surge's own blocked
-    layout and kernel (`CpuKernels.linear`): ~1.4x oneDNN's speed at batch 8-64 and ~1.3x at
-    batch 1 on the bundled model (BENCHMARKS.md), with each row's result independent of the
-    batch. Otherwise they go to oneDNN's pre-packed layout (~1.3x F.linear at batch 1), whose
-    results are bit-identical to F.linear for every batch size.
+    layout and kernel (`CpuKernels.linear`), on AMX tiles where the CPU has them (the process
+    picks one implementation for good), with each row's result independent of the batch; see
+    BENCHMARKS.md for the speed against oneDNN per CPU. Otherwise they go to oneDNN's pre-packed
+    layout (~1.3x F.linear at batch 1), whose results are bit-identical to F.linear for every
+    batch size.
     """
 
     packed_weight: torch.Tensor | None = None  # oneDNN's layout
