@@ -164,7 +164,7 @@ def test_tables_render_every_part() -> None:
     }
     result["throughput"]["ratios"] = throughput_ratios(result["throughput"])
     text = format_tables(result)
-    assert "2-core Test CPU (flags: avx512_bf16)" in text
+    assert "2 CPUs, Test CPU (avx512_bf16)" in text
     assert "| 32 | 300.0 | 24.0 | 10 | - | 50.0 | 10 | 6.00x | 0.75 |" in text
     assert "target >= 0.6: met" in text and "target >= 5.0x: met" in text
     assert "| SmolLM2 | first streamed token | 2.50 |" in text

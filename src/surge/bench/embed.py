@@ -17,7 +17,8 @@ from pathlib import Path
 from surge.bench.embed_load import make_chunks
 from surge.bench.embed_parts import EmbedBenchConfig, run_cold_start, run_mixed, run_throughput
 from surge.bench.embed_report import format_tables
-from surge.bench.serve import _finite, _interrupt, machine_info
+from surge.bench.machine import machine_info
+from surge.bench.serve import _finite, _interrupt
 from surge.encoders import DEFAULT_EMBEDDING_MODEL_NAME
 from surge.models.default_model import DEFAULT_MODEL_NAME
 
@@ -25,7 +26,6 @@ logger = logging.getLogger(__name__)
 
 RESULT_VERSION = 1
 PARTS = ("throughput", "cold-start", "mixed")
-_ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -61,17 +61,6 @@ def config_from_args(args: argparse.Namespace) -> EmbedBenchConfig:
     )
 
 
-def cpu_flags() -> list[str]:
-    """The vector ISA flags of this CPU that matter to the kernels (from /proc/cpuinfo)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    line = next((x for x in text.splitlines() if x.startswith("flags")), "")
-    have = set(line.partition(":")[2].split())
-    return [f for f in _ISA_FLAGS if f in have]
-
-
 def default_output(cpu: str, day: str) -> Path:
     """benchmarks/results/embed-<cpu>-<date>.json, the CPU name as a slug."""
     slug = re.sub(r"[^a-z0-9]+", "-", cpu.lower()).strip("-") or "cpu"
@@ -85,7 +74,7 @@ def run_embed_bench(args: argparse.Namespace, argv: list[str]) -> dict[str, obje
     logging.getLogger("httpx").setLevel(logging.WARNING)
     cfg = config_from_args(args)
     texts = make_chunks(cfg.num_texts, cfg.seed, cfg.chinese_fraction)
-    machine = machine_info() | {"cpu_flags": cpu_flags()}
+    machine = machine_info()
     machine["sentence_transformers"] = sentence_transformers.__version__
     result: dict[str, object] = {
         "version": RESULT_VERSION,

@@ -3,6 +3,8 @@ BENCHMARKS.md's sections."""
 
 from __future__ import annotations
 
+from surge.bench.machine import describe_cpu
+
 
 def _num(value: object, digits: int = 1) -> str:
     return "-" if not isinstance(value, int | float) else f"{value:.{digits}f}"
@@ -20,11 +22,10 @@ def format_header(result: dict) -> list[str]:
     """The section title, the machine line and the command."""
     m = result["machine"]
     cfg = result["config"]
-    flags = ", ".join(m.get("cpu_flags") or []) or "none of note"
     return [
         f"## Embeddings: `surge bench embed` ({str(result['started'])[:10]})",
         "",
-        f"{m['num_cpus']}-core {m['cpu']} (flags: {flags}), {m['memory_gib']} GiB; Python "
+        f"{describe_cpu(m)}, {m['memory_gib']} GiB; Python "
         f"{m['python']}, torch {m['torch']}, sentence-transformers {m['sentence_transformers']}. "
         f"{cfg['num_threads']} torch threads everywhere, {_num(cfg['duration_s'], 0)} s per point, "
         f"seed {cfg['seed']}.",

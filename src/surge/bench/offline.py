@@ -81,6 +81,7 @@ def bench_hf(
 def run_offline_bench(args: argparse.Namespace) -> list[BenchPoint]:
     """Measure every batch size for surge and the baseline; print a markdown table."""
     from surge import LLM
+    from surge.bench.machine import describe_cpu, machine_info
     from surge.bench.naive_server import load_hf_model
     from surge.cli import engine_config_from_args
 
@@ -106,10 +107,13 @@ def run_offline_bench(args: argparse.Namespace) -> list[BenchPoint]:
             with torch.inference_mode():
                 points.append(bench_hf(hf, prompts, batch, args.output_len))
             logger.info("hf batch %d: %.1f tok/s", batch, points[-1].tokens_per_s)
+    machine = machine_info()
+    print(f"Machine: {describe_cpu(machine)}\n")
     print(format_table(points, args))
     if args.output:
+        rows = [asdict(p) | {"tokens_per_s": p.tokens_per_s} for p in points]
         with open(args.output, "w") as f:
-            json.dump([asdict(p) | {"tokens_per_s": p.tokens_per_s} for p in points], f, indent=1)
+            json.dump({"machine": machine, "points": rows}, f, indent=1)
     return points
 
 

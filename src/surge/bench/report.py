@@ -9,6 +9,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+from surge.bench.machine import describe_cpu
+
 logger = logging.getLogger(__name__)
 
 SECTION_TITLE = "## Serving: `surge bench serve` (issue #4)"
@@ -195,8 +197,8 @@ def _run_section(result: dict, json_path: Path, md_dir: Path) -> str:
         f"max_tokens {cfg['max_tokens']}, ignore_eos {cfg['ignore_eos']}, streaming; "
         f"max duration per point {cfg['max_duration'] or 'none'} s; prefix caching "
         f"{'on' if cfg['prefix_caching'] else 'off'}; goodput SLO: TTFT <= {slo['ttft']} s and "
-        f"TPOT <= {1000 * slo['tpot']:.0f} ms. Machine: {machine['cpu']}, {machine['num_cpus']} "
-        f"CPUs, {machine['memory_gib']} GiB; Python {machine['python']}, torch {machine['torch']}, "
+        f"TPOT <= {1000 * slo['tpot']:.0f} ms. Machine: {describe_cpu(machine)}, "
+        f"{machine['memory_gib']} GiB; Python {machine['python']}, torch {machine['torch']}, "
         f"transformers {machine['transformers']}; {versions}. 1-minute load average when each "
         f"system started (it still holds the previous system's own load, which decays over a "
         f"minute): {loads or 'not recorded'}. "

@@ -8,7 +8,6 @@ import json
 import logging
 import math
 import os
-import platform
 import shlex
 import signal
 import socket
@@ -21,6 +20,7 @@ import httpx
 
 from surge.bench.baselines import LaunchSettings, ManagedServer, get_baseline
 from surge.bench.loadgen import RequestOptions, run_closed_loop, run_open_loop, warm_up
+from surge.bench.machine import machine_info
 from surge.bench.metrics import (
     Slo,
     client_cache_hit_rate,
@@ -186,41 +186,6 @@ def run_system(
     finally:
         server.stop()
     return entry
-
-
-def machine_info() -> dict[str, object]:
-    """CPU, cores, memory and software versions, for the results file."""
-    import torch
-    import transformers
-
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in _read("/proc/cpuinfo").splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    mem_kb = next(
-        (
-            int(line.split()[1])
-            for line in _read("/proc/meminfo").splitlines()
-            if line.startswith("MemTotal")
-        ),
-        0,
-    )
-    flags = _read("/proc/cpuinfo")
-    return {
-        "cpu": cpu,
-        "num_cpus": os.cpu_count(),
-        "memory_gib": round(mem_kb / 2**20, 1),
-        "avx512_bf16": "avx512_bf16" in flags,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "hostname": socket.gethostname(),
-    }
 
 
 def _read(path: str) -> str:
