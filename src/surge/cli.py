@@ -1,4 +1,4 @@
-"""`surge serve | pull | chat | generate | bench offline | bench serve | bench report`."""
+"""`surge serve | pull | chat | generate | bench offline | serve | embed | perplexity | report`."""
 
 from __future__ import annotations
 
@@ -52,6 +52,14 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="run the pure-torch model path instead of the fused C++ CPU kernels",
     )
+    parser.add_argument(
+        "--quantization",
+        choices=("auto", "none", "int8", "int4"),
+        default=d.quantization,
+        help="auto: a GGUF's quantized weights stay quantized (bf16 models on the CPU kernels); "
+        "none: dequantize at load; int8 / int4: quantize an HF checkpoint's linears at load "
+        "(Q8_0 / Q4_1 blocks of 32)",
+    )
     parser.add_argument("--threads", type=int, default=None)
 
 
@@ -70,6 +78,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         enable_prefix_caching=not args.no_prefix_caching,
         enable_chunked_prefill=not args.no_chunked_prefill,
         cpu_kernels=not args.no_cpu_kernels,
+        quantization=args.quantization,
         num_threads=args.threads,
     )
 
@@ -401,6 +410,14 @@ def cmd_bench_offline(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_perplexity(args: argparse.Namespace) -> int:
+    """Perplexity of each --quantization on the shipped text."""
+    from surge.bench.perplexity import run_perplexity_bench
+
+    run_perplexity_bench(args)
+    return 0
+
+
 def cmd_bench_serve(args: argparse.Namespace) -> int:
     """Serving benchmark: streaming chat load against surge and its peers."""
     from surge.bench.serve import main_serve
@@ -485,6 +502,17 @@ def build_parser() -> argparse.ArgumentParser:
     off.add_argument("--baseline", choices=["hf", "none"], default="hf")
     off.add_argument("--output", default=None, help="write JSON results here")
     off.set_defaults(func=cmd_bench_offline)
+    ppl = bench.add_parser(
+        "perplexity", help="perplexity of each weight format on the shipped text (accuracy gate)"
+    )
+    add_engine_args(ppl)
+    ppl.add_argument(
+        "--formats",
+        default="none,auto",
+        help="comma list of --quantization values, the first the reference (none,auto,int8,int4)",
+    )
+    ppl.add_argument("--window", type=int, default=512, help="tokens per scored window")
+    ppl.set_defaults(func=cmd_bench_perplexity)
     add_bench_serve_parsers(bench)
     add_bench_embed_parser(bench)
     return parser

@@ -14,7 +14,8 @@ from surge.engine.sampler import Sampler, SamplingRow
 from surge.engine.scheduler import SchedulerOutput
 from surge.kernels import load_cpu_kernels
 from surge.models.attention import allocate_kv_caches, build_attention_metadata
-from surge.models.loader import ModelFiles, iter_weights
+from surge.models.loader import ModelFiles, iter_weights, resolve_quantization
+from surge.models.quant import release_freed_memory, weights_summary
 from surge.models.registry import create_model
 
 logger = logging.getLogger(__name__)
@@ -67,9 +68,13 @@ class ModelRunner:
         self.dtype = resolve_dtype(config.dtype, self.device)
         start = time.monotonic()
         self.model = create_model(files.hf_config, self.dtype, self.device)
-        self.model.load_weights(iter_weights(files, self.dtype))
         kernels = load_cpu_kernels() if config.cpu_kernels and self.device.type == "cpu" else None
+        self.quantization = resolve_quantization(
+            config.quantization, files, self.dtype, kernels is not None
+        )
+        self.model.load_weights(iter_weights(files, self.dtype, self.quantization))
         num_packed = self.model.pack_weights(kernels)
+        release_freed_memory()  # the float copies quantized weights replaced
         self.uses_cpu_kernels = self.model.use_cpu_kernels(kernels)
         self.model.eval()
         num_blocks = config.num_kv_blocks or self._blocks_for_memory(config.kv_cache_memory)
@@ -87,9 +92,10 @@ class ModelRunner:
         self.sampler = Sampler(kernels.argmax if kernels is not None else None)
         self._generators: dict[str, torch.Generator] = {}
         logger.info(
-            "loaded %s (%s, %d linears pre-packed, CPU kernels %s) in %.1fs: %d KV blocks of %d tokens (%d tokens, %.0f MiB), max_model_len %d",
+            "loaded %s (%s, weights %s, %d linears pre-packed, CPU kernels %s) in %.1fs: %d KV blocks of %d tokens (%d tokens, %.0f MiB), max_model_len %d",
             files.path.name,
             self.dtype,
+            weights_summary(self.model),
             num_packed,
             "on" if self.uses_cpu_kernels else "off",
             time.monotonic() - start,

@@ -1,4 +1,5 @@
-"""Fused CPU kernels, compiled from `cpu_kernels.cpp` on first use and called through ctypes.
+"""Fused CPU kernels, compiled from `cpu_kernels.cpp` and `quant_kernels.cpp` on first use, called
+through ctypes.
 
 The source is plain C++ (no torch headers), so a build takes seconds; the shared library is
 cached under ~/.cache/surge/kernels ($SURGE_KERNEL_CACHE), keyed by the source, the compiler and
@@ -26,12 +27,17 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+if TYPE_CHECKING:
+    from surge.models.quant import QuantizedTensor
+
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("cpu_kernels.cpp", "quant_kernels.cpp"))
+HEADERS = (Path(__file__).with_name("common.h"),)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 SUPPORTED_DTYPES = {torch.bfloat16: "bf16", torch.float32: "f32"}
 LINEAR_COLS = 32  # output columns per block of a packed linear weight (kLinearCols)
@@ -90,6 +96,13 @@ class CpuKernels:
         self._linear_amx = lib.surge_linear_amx
         self._linear_amx.argtypes = self._linear.argtypes
         self._linear_amx.restype = None
+        self._qlinear = lib.surge_qlinear
+        self._qlinear.argtypes = [_P, _I, _P, _I, _I, _P, _I, _I, ctypes.c_int, _P, ctypes.c_int]
+        self._qlinear.restype = None
+        self._qdequant_rows = lib.surge_qdequant_rows
+        self._qdequant_rows.argtypes = [_P, _P, _P, _I, _I, ctypes.c_int]
+        self._qdequant_rows.restype = None
+        self.qlinear_vnni = bool(lib.surge_qlinear_vnni())
         self.linear_isa = linear_isa
         if linear_isa == AMX_BF16:
             if not lib.surge_linear_amx_supported():
@@ -252,6 +265,52 @@ class CpuKernels:
         )
         return out.view(*x.shape[:-1], out_features)
 
+    def qlinear(
+        self,
+        x: torch.Tensor,
+        segments: list[tuple[int, QuantizedTensor]],
+        out_features: int,
+        bias: torch.Tensor | None,
+        out_dtype: torch.dtype = torch.bfloat16,
+    ) -> torch.Tensor:
+        """x [..., K] (bf16) @ W^T + bias, W stacked from quantized segments [(first column, W_i)].
+
+        Each segment writes its own columns of one output; out_dtype as in `linear`.
+        """
+        if x.dtype != torch.bfloat16:
+            raise TypeError(f"the quantized linear kernel got {x.dtype} input")
+        k = x.shape[-1]
+        rows = x.reshape(-1, k)
+        if rows.stride(-1) != 1:
+            rows = rows.contiguous()
+        out = torch.empty((rows.shape[0], out_features), dtype=out_dtype)
+        for col0, w in segments:
+            bias_part = None if bias is None else bias[col0 : col0 + w.shape[0]]
+            self._qlinear(
+                out.data_ptr() + col0 * out.element_size(),
+                out.stride(0),
+                rows.data_ptr(),
+                rows.stride(0),
+                rows.shape[0],
+                w.data.data_ptr(),
+                w.shape[0],
+                k,
+                w.qtype,
+                _ptr(bias_part),
+                int(out_dtype == torch.float32),
+            )
+        return out.view(*x.shape[:-1], out_features)
+
+    def qembedding(self, ids: torch.Tensor, table: QuantizedTensor) -> torch.Tensor:
+        """Rows `ids` of a quantized [V, D] table as bf16 [..., D] (an embedding lookup)."""
+        flat = ids.reshape(-1).to(torch.int64).contiguous()
+        dim = table.shape[1]
+        out = torch.empty((flat.shape[0], dim), dtype=torch.bfloat16)
+        self._qdequant_rows(
+            out.data_ptr(), table.data.data_ptr(), flat.data_ptr(), flat.shape[0], dim, table.qtype
+        )
+        return out.view(*ids.shape, dim)
+
     def argmax(self, logits: torch.Tensor) -> list[int]:
         """torch.argmax(logits, -1).tolist() for contiguous float32 [N, V] rows, faster on CPU."""
         out = torch.empty(logits.shape[0], dtype=torch.int64)
@@ -278,7 +337,7 @@ def _cpu_signature() -> str:
 def build_library(compiler: str, extra_flags: tuple[str, ...] = ()) -> Path:
     """Compile the kernels (cached); extra_flags=("-DSURGE_GENERIC",) builds the portable path."""
     flags = (*FLAGS, *extra_flags)
-    source = SOURCE.read_bytes()
+    source = b"".join(f.read_bytes() for f in (*SOURCES, *HEADERS))
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, text=True, check=True
     ).stdout
@@ -294,7 +353,10 @@ def build_library(compiler: str, extra_flags: tuple[str, ...] = ()) -> Path:
     os.close(fd)
     try:
         subprocess.run(
-            [compiler, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, check=True
+            [compiler, *flags, *map(str, SOURCES), "-o", tmp],
+            capture_output=True,
+            text=True,
+            check=True,
         )
         os.replace(tmp, target)
     finally:

@@ -19,6 +19,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "common.h"
+
 #include <cerrno>
 #if defined(__linux__)
 #include <sys/syscall.h>
@@ -27,7 +29,7 @@
 
 namespace {
 
-using bf16 = uint16_t;
+using surge::bf16;
 constexpr int kLanes = 16;
 
 // Below this many elements a kernel runs on the calling thread. Each parallel region waits for
@@ -35,28 +37,8 @@ constexpr int kLanes = 16;
 // than the few microseconds a second thread would save on a small row count.
 constexpr int64_t kParallelWork = int64_t(1) << 17;
 
-inline float load(float x) { return x; }
-inline float load(bf16 x) {
-  uint32_t u = uint32_t(x) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-template <class T>
-inline T store(float f);
-template <>
-inline float store<float>(float f) {
-  return f;
-}
-template <>
-inline bf16 store<bf16>(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  const uint32_t nan = (u >> 16) | 0x40u;
-  return bf16(((u & 0x7fffffffu) > 0x7f800000u) ? nan : rounded);
-}
+using surge::load;
+using surge::store;
 
 // exp for softmax and SiLU: Cephes' range reduction and degree-6 polynomial, ~2 ulp; the
 // library expf would not vectorize.

@@ -18,6 +18,8 @@ from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from surge.models.quant import QuantizedTensor
+
 if TYPE_CHECKING:
     from surge.kernels import CpuKernels
 
@@ -154,9 +156,13 @@ class Linear(nn.Linear):
 
     packed_weight: torch.Tensor | None = None  # oneDNN's layout
     kernel_weight: torch.Tensor | None = None  # CpuKernels.pack_linear's layout
+    # GGUF-quantized rows: (first output column, matrix), run by CpuKernels.qlinear
+    quant_segments: list[tuple[int, QuantizedTensor]] | None = None
     kernels: CpuKernels | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant_segments is not None:
+            return self.kernels.qlinear(x, self.quant_segments, self.out_features, self.bias)
         if self.kernel_weight is not None:
             return self.kernels.linear(x, self.kernel_weight, self.out_features, self.bias)
         if self.packed_weight is not None:
@@ -167,14 +173,30 @@ class Linear(nn.Linear):
 
     def forward_float(self, x: torch.Tensor) -> torch.Tensor:
         """The output in float32; the kernels' linear skips rounding it to bf16 (for logits)."""
+        if self.quant_segments is not None:
+            return self.kernels.qlinear(
+                x, self.quant_segments, self.out_features, self.bias, out_dtype=torch.float32
+            )
         if self.kernel_weight is not None:
             return self.kernels.linear(
                 x, self.kernel_weight, self.out_features, self.bias, out_dtype=torch.float32
             )
         return self(x).float()
 
+    def load_quantized(self, weight: QuantizedTensor, first_column: int = 0) -> None:
+        """Take a quantized matrix as output columns [first_column, + its rows) of the weight."""
+        rows, cols = weight.shape
+        if cols != self.in_features or first_column + rows > self.out_features:
+            raise ValueError(
+                f"shape mismatch: {weight.type_name} {tuple(weight.shape)} at column "
+                f"{first_column} of a {self.out_features}x{self.in_features} linear"
+            )
+        self.quant_segments = [*(self.quant_segments or []), (first_column, weight)]
+
     def pack(self, kernels: CpuKernels | None = None) -> bool:
         """Pack the weight and drop the plain copy; False where packing doesn't apply."""
+        if self.quant_segments is not None:
+            return self._use_quantized(kernels)
         if not can_pack(self.weight):
             return False
         weight = self.weight.detach()
@@ -185,6 +207,73 @@ class Linear(nn.Linear):
             self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, None)
         self.weight = None  # the packed copy replaces it: no second copy of the weights in memory
         return True
+
+    def _use_quantized(self, kernels: CpuKernels | None) -> bool:
+        if kernels is None:
+            raise RuntimeError("quantized weights need surge's CPU kernels (SURGE_CPU_KERNELS)")
+        segments = sorted(self.quant_segments, key=lambda s: s[0])
+        covered = 0
+        for first, weight in segments:
+            if first != covered:
+                raise ValueError(f"quantized linear: columns {covered}..{first} never loaded")
+            covered += weight.shape[0]
+        if covered != self.out_features:
+            raise ValueError(f"quantized linear: {covered} of {self.out_features} columns loaded")
+        self.quant_segments = _merge_segments(segments)
+        self.kernels = kernels
+        self.weight = None  # never filled: the quantized rows are the weight
+        return True
+
+
+def _merge_segments(
+    segments: list[tuple[int, QuantizedTensor]],
+) -> list[tuple[int, QuantizedTensor]]:
+    """Neighbouring segments of one format joined into one (one kernel call for q, k and v)."""
+    merged: list[tuple[int, QuantizedTensor]] = []
+    for first, weight in segments:
+        if merged and merged[-1][1].qtype == weight.qtype:
+            start, prev = merged[-1]
+            data = torch.cat([prev.data, weight.data])
+            merged[-1] = (
+                start,
+                QuantizedTensor(
+                    weight.qtype, data, (prev.shape[0] + weight.shape[0], prev.shape[1])
+                ),
+            )
+        else:
+            merged.append((first, weight))
+    return merged
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding whose table may stay quantized (GGUF): rows are decoded as they are looked up."""
+
+    quant: QuantizedTensor | None = None
+    kernels: CpuKernels | None = None
+
+    def load_quantized(self, weight: QuantizedTensor) -> None:
+        """Take the quantized [vocab, dim] table instead of the float one."""
+        if weight.shape != (self.num_embeddings, self.embedding_dim):
+            raise ValueError(
+                f"shape mismatch: expected {(self.num_embeddings, self.embedding_dim)}, "
+                f"got {weight.type_name} {weight.shape}"
+            )
+        self.quant = weight
+
+    def use_quantized(self, kernels: CpuKernels | None) -> bool:
+        """Drop the float table where the quantized one is loaded; False if there is none."""
+        if self.quant is None:
+            return False
+        if kernels is None:
+            raise RuntimeError("quantized weights need surge's CPU kernels (SURGE_CPU_KERNELS)")
+        self.kernels = kernels
+        self.weight = None
+        return True
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.quant is not None:
+            return self.kernels.qembedding(ids, self.quant)
+        return super().forward(ids)
 
 
 def can_pack(weight: torch.Tensor) -> bool:
@@ -215,6 +304,11 @@ class MergedLinear(Linear):
 
     def load_hf(self, param_name: str, loaded: torch.Tensor, shard_id: str | None) -> None:
         """Copy one shard (or, with shard_id None, the already fused tensor) into the weight."""
+        if isinstance(loaded, QuantizedTensor):
+            if param_name != "weight":
+                raise ValueError(f"a quantized {param_name} is not supported")
+            self.load_quantized(loaded, 0 if shard_id is None else self.shard_offsets[shard_id][0])
+            return
         param = getattr(self, param_name)
         if shard_id is None:
             copy_checked(param, loaded)
@@ -272,7 +366,7 @@ STACKED_PARAMS = (
 
 def load_hf_weights(
     model: nn.Module,
-    weights: Iterable[tuple[str, torch.Tensor]],
+    weights: Iterable[tuple[str, torch.Tensor | QuantizedTensor]],
     skip: Iterable[str] = (),
 ) -> None:
     """Load HF-named tensors into model, routing split projections to fused modules.
@@ -294,6 +388,10 @@ def load_hf_weights(
         module = modules[module_name]
         if isinstance(module, MergedLinear):
             module.load_hf(param_name, tensor, shard_id)
+        elif isinstance(tensor, QuantizedTensor):
+            if not isinstance(module, Linear | Embedding) or param_name != "weight":
+                raise ValueError(f"{hf_name!r} cannot be loaded quantized")
+            module.load_quantized(tensor)
         else:
             copy_checked(params[name], tensor)
         loaded.setdefault(name, set()).add(shard_id)

@@ -18,6 +18,7 @@ from transformers import PretrainedConfig
 
 from surge.models.attention import AttentionMetadata, fused_paged_attention, paged_attention
 from surge.models.layers import (
+    Embedding,
     GatedMLP,
     Linear,
     QKVLinear,
@@ -171,7 +172,7 @@ class DecoderModel(nn.Module):
 
     def __init__(self, hf_config: PretrainedConfig, opts: DecoderOptions) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(hf_config.vocab_size, hf_config.hidden_size)
+        self.embed_tokens = Embedding(hf_config.vocab_size, hf_config.hidden_size)
         self.layers = nn.ModuleList(
             DecoderLayer(hf_config, opts) for _ in range(hf_config.num_hidden_layers)
         )
@@ -253,10 +254,16 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head.forward_float(hidden)
 
     def pack_weights(self, kernels: CpuKernels | None = None) -> int:
-        """Pre-pack the bf16 CPU linears for surge's kernels or oneDNN; call after loading."""
-        if self.lm_head is None and can_pack(self.model.embed_tokens.weight):
+        """Pre-pack the bf16 CPU linears for surge's kernels or oneDNN, or hand the quantized
+        ones to the kernels; call after loading."""
+        embed = self.model.embed_tokens
+        if self.lm_head is None and embed.quant is not None:
+            # tied and quantized: the logits read the same quantized table, no second copy
+            self.lm_head = Linear(embed.embedding_dim, self.vocab_size, bias=False, device="meta")
+            self.lm_head.load_quantized(embed.quant)
+        embed.use_quantized(kernels)
+        if self.lm_head is None and can_pack(embed.weight):
             # tied: a packed copy for the logits; the embedding keeps its own table for lookups
-            embed = self.model.embed_tokens
             # on meta: its own weight is replaced at once, so never allocate or initialise one
             self.lm_head = Linear(embed.embedding_dim, self.vocab_size, bias=False, device="meta")
             self.lm_head.weight = embed.weight
@@ -264,8 +271,8 @@ class LlamaForCausalLM(nn.Module):
 
     def use_cpu_kernels(self, kernels: CpuKernels | None) -> bool:
         """Route norms, rotary, attention and SiLU·mul through the fused CPU kernels if they fit."""
-        dtype = self.model.embed_tokens.weight.dtype
-        device = self.model.embed_tokens.weight.device
+        dtype = self.model.norm.weight.dtype  # the model's (a quantized embedding has none)
+        device = self.model.norm.weight.device
         if kernels is None or device.type != "cpu" or not kernels.supports(dtype, self.head_dim):
             kernels = None
         for module in self.modules():

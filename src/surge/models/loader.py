@@ -14,6 +14,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from surge.models.default_model import DEFAULT_MODEL_NAME, pull_default_model
+from surge.models.quant import QuantizedTensor, check_method, kernel_can_take, quantize
 
 logger = logging.getLogger(__name__)
 
@@ -117,12 +118,55 @@ def _max_model_len(config: PretrainedConfig) -> int:
     return _DEFAULT_MAX_MODEL_LEN
 
 
-def iter_weights(files: ModelFiles, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF parameter name, tensor in `dtype`) one at a time, so peak memory stays ~one tensor."""
+def iter_weights(
+    files: ModelFiles, dtype: torch.dtype, quantization: str = "none"
+) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
+    """Yield (HF parameter name, tensor in `dtype`) one at a time, so peak memory stays ~one tensor.
+
+    quantization (see `resolve_quantization`): "none", every tensor in dtype; "gguf", a GGUF's
+    matrices in a format the kernels read stay as stored (QuantizedTensor); "int8" / "int4", an
+    HF checkpoint's linear weights quantized at load (the embedding and output matrix to Q8_0).
+    """
     if files.is_gguf:
-        yield from _iter_gguf_weights(files, dtype)
-    else:
-        yield from _iter_safetensors_weights(files.path, dtype)
+        yield from _iter_gguf_weights(files, dtype, keep_quantized=quantization == "gguf")
+        return
+    for name, tensor in _iter_safetensors_weights(files.path, dtype):
+        if quantization in ("int8", "int4") and _is_matrix(name):
+            method = quantization if name.endswith("_proj.weight") else "int8"
+            quantized = quantize(tensor, method)
+            if quantized is not None:
+                yield name, quantized
+                continue
+        yield name, tensor
+
+
+def _is_matrix(name: str) -> bool:
+    """A linear's or the embedding's weight: what can be kept quantized."""
+    return name.endswith(("_proj.weight", "lm_head.weight", "embed_tokens.weight"))
+
+
+def resolve_quantization(
+    method: str, files: ModelFiles, dtype: torch.dtype, has_kernels: bool
+) -> str:
+    """What `iter_weights` should do for --quantization `method` ("auto", "none", "int8", "int4").
+
+    auto keeps a GGUF's quantized matrices where the CPU kernels run them (bf16 models), else
+    dequantizes (logged); int8/int4 need the kernels and a bf16 model and refuse a GGUF.
+    """
+    check_method(method)
+    if method == "none":
+        return "none"
+    usable = has_kernels and dtype == torch.bfloat16
+    why = "the CPU kernels are off" if not has_kernels else f"the model runs in {dtype}"
+    if method == "auto":
+        if files.is_gguf and not usable:
+            logger.warning("GGUF weights dequantized to %s at load: %s", dtype, why)
+        return "gguf" if files.is_gguf and usable else "none"
+    if files.is_gguf:
+        raise ValueError(f"--quantization {method}: a GGUF is quantized already (use auto or none)")
+    if not usable:
+        raise ValueError(f"--quantization {method} needs bfloat16 and the CPU kernels: {why}")
+    return method
 
 
 # --- HF safetensors directories ---------------------------------------------------------------
@@ -265,7 +309,9 @@ def _dequantize(tensor) -> torch.Tensor:
     return torch.from_numpy(array).reshape(shape)
 
 
-def _iter_gguf_weights(files: ModelFiles, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_gguf_weights(
+    files: ModelFiles, dtype: torch.dtype, keep_quantized: bool
+) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
     reader = open_gguf(files.path)
     permuted = _GGUF_ARCHES[_gguf_arch(reader)][2]
     config = files.hf_config
@@ -273,9 +319,23 @@ def _iter_gguf_weights(files: ModelFiles, dtype: torch.dtype) -> Iterator[tuple[
         name = _gguf_hf_name(tensor.name)
         if name is None:
             continue
-        weight = _dequantize(tensor)
+        heads = None
         if permuted and ".self_attn.q_proj." in name:
-            weight = _reverse_qk_permute(weight, config.num_attention_heads)
+            heads = config.num_attention_heads
         elif permuted and ".self_attn.k_proj." in name:
-            weight = _reverse_qk_permute(weight, config.num_key_value_heads)
+            heads = config.num_key_value_heads
+        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+        qtype = int(tensor.tensor_type)
+        if keep_quantized and _is_matrix(name) and kernel_can_take(qtype, shape):
+            # the file's bytes, copied out of the memory map: rows of blocks, as stored
+            data = torch.from_numpy(np.array(tensor.data, dtype=np.uint8)).reshape(shape[0], -1)
+            weight = QuantizedTensor(qtype, data, (shape[0], shape[1]))
+            if heads is not None and name.endswith(".weight"):
+                order = _reverse_qk_permute(torch.arange(shape[0]), heads)
+                weight = weight.permute_rows(order)
+            yield name, weight
+            continue
+        weight = _dequantize(tensor)
+        if heads is not None:
+            weight = _reverse_qk_permute(weight, heads)
         yield name, weight.to(dtype)

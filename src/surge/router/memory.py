@@ -18,6 +18,7 @@ from pathlib import Path
 from surge.config import EngineConfig
 from surge.encoders.bundled import DEFAULT_EMBEDDING_MODEL_NAME, is_complete_model_dir
 from surge.models.default_model import DEFAULT_MODEL_FILE, DEFAULT_MODEL_NAME, default_cache_dir
+from surge.models.quant import kernel_can_take
 from surge.router.spec import ModelKind, ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -29,6 +30,9 @@ ENCODER_BATCH_BUFFER_BYTES = 512 * 1024**2
 # dtype "auto" is bf16 on hardware that runs it natively (every recent x86 and GPU) and fp32
 # elsewhere; the estimate assumes bf16, a caller that knows better passes auto_dtype_bytes=4.
 AUTO_DTYPE_BYTES = 2
+# --quantization int8 / int4 on an HF checkpoint: Q8_0 (34 bytes) / Q4_1 (20 bytes) per 32 bf16
+# weights (64 bytes); counted over all weights, though norms and biases stay bf16 (a few %)
+_QUANTIZED_FRACTION = {"int8": 34 / 64, "int4": 20 / 64}
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _ST_DTYPE_BYTES = {
     "F64": 8,
@@ -77,8 +81,9 @@ def estimate_cost(
 ) -> ModelCost:
     """The memory `spec` takes once loaded, all replicas; `base` is the CLI's engine config.
 
-    Chat: weights at the engine dtype (GGUF is dequantized to it, so a Q4 file costs 4x its size
-    in bf16) plus the whole preallocated KV cache (kv_cache_memory, or num_kv_blocks blocks).
+    Chat: weights at the engine dtype, or at their quantized size (a GGUF's matrices the kernels
+    take, --quantization int8/int4) plus the whole preallocated KV cache (kv_cache_memory, or
+    num_kv_blocks blocks).
     Embedding/rerank: weight file sizes plus ENCODER_BATCH_BUFFER_BYTES. ValueError if no files.
     """
     if spec.kind is ModelKind.CHAT:
@@ -88,9 +93,11 @@ def estimate_cost(
         if path is None:  # the bundled alias, not fetched yet: its size is known
             weights, dims = _DEFAULT_MODEL_PARAMS * dtype_bytes, None
         elif path.is_file():
-            weights, dims = _gguf_weights(path, dtype_bytes)
+            keep = config.quantization == "auto" and dtype_bytes == 2
+            weights, dims = _gguf_weights(path, dtype_bytes, keep)
         else:
             weights, dims = _hf_weights(path, dtype_bytes), _hf_kv_dims(path)
+            weights = int(weights * _QUANTIZED_FRACTION.get(config.quantization, 1.0))
         cache = _kv_cache_bytes(config, dims, dtype_bytes)
     else:
         weights, cache = _encoder_weights(spec.path), ENCODER_BATCH_BUFFER_BYTES
@@ -112,12 +119,21 @@ def _local_path(path: str) -> Path | None:
     return p
 
 
-def _gguf_weights(path: Path, dtype_bytes: int) -> tuple[int, tuple[int, int, int] | None]:
-    """Dequantized weight bytes and (layers, kv heads, head dim) of a GGUF file."""
+def _gguf_weights(
+    path: Path, dtype_bytes: int, keep_quantized: bool
+) -> tuple[int, tuple[int, int, int] | None]:
+    """Weight bytes once loaded and (layers, kv heads, head dim) of a GGUF file: the matrices
+    the quantized kernel takes at their size in the file (keep_quantized), the rest dequantized."""
     import gguf  # numpy only; imported here so spec parsing never pays for it
 
     reader = gguf.GGUFReader(str(path))
-    weights = sum(int(t.n_elements) for t in reader.tensors) * dtype_bytes
+    weights = 0
+    for t in reader.tensors:
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        if keep_quantized and kernel_can_take(int(t.tensor_type), shape):
+            weights += int(t.n_bytes)
+        else:
+            weights += int(t.n_elements) * dtype_bytes
 
     def meta(key: str) -> int | None:
         field = reader.fields.get(key)

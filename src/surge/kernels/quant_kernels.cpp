@@ -1,0 +1,499 @@
+// Linear layers on GGUF-quantized weights, read in their file format (no dequantized copy):
+// Q8_0, Q4_0, Q4_1 (blocks of 32) and Q4_K, Q5_K, Q6_K (super-blocks of 256).
+//
+// As llama.cpp does, each row of x is quantized to int8 in blocks of 32 (one float scale per
+// block, round to nearest even), and the weights' integer codes meet it in integer dot products:
+// AVX-512 VNNI's vpdpbusd multiplies 64 unsigned weight codes by 64 signed x codes at once. Every
+// format is brought to one shape per 64 weights: 64 unsigned codes in element order, and for
+// each 16 of them a scale and an offset (value = scale * code + offset), so one accumulation
+// loop serves all six. Each output element is its own sum over K in a fixed order, whatever the
+// batch: a row's result does not depend on the other rows (the rule the bf16 kernels keep).
+// Without AVX-512 VNNI a portable loop decodes each block to float and multiplies by x as is.
+#include <omp.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "common.h"
+
+namespace {
+
+using surge::bf16;
+using surge::load;
+using surge::store;
+
+// GGUF type ids (ggml_type)
+enum QType : int { kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14 };
+
+inline float half_to_float(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#endif
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ffu;
+  uint32_t bits;
+  if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else {  // subnormal: renormalize
+      int e = -1;
+      uint32_t m = man;
+      do {
+        ++e;
+        m <<= 1;
+      } while ((m & 0x400u) == 0);
+      bits = sign | uint32_t(127 - 15 - e) << 23 | (m & 0x3ffu) << 13;
+    }
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000u | man << 13;
+  } else {
+    bits = sign | (exp + 127 - 15) << 23 | man << 13;
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// K-quants' 6-bit scale and min of sub-block j (ggml's get_scale_min_k4)
+inline void scale_min_k4(int j, const uint8_t* q, int* sc, int* mn) {
+  if (j < 4) {
+    *sc = q[j] & 63;
+    *mn = q[j + 4] & 63;
+  } else {
+    *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+    *mn = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+  }
+}
+
+struct Format {
+  int64_t block_elems, block_bytes;
+};
+
+inline Format format_of(int qtype) {
+  switch (qtype) {
+    case kQ8_0: return {32, 34};
+    case kQ4_0: return {32, 18};
+    case kQ4_1: return {32, 20};
+    case kQ4_K: return {256, 144};
+    case kQ5_K: return {256, 176};
+    case kQ6_K: return {256, 210};
+    default: return {0, 0};
+  }
+}
+
+// Chunk c (64 weights) of a row as unsigned codes `u` and, per 16, scale and offset.
+// Scalar decode, shared by the portable path and the tests of the vector one.
+void decode_chunk(int qtype, const uint8_t* row, int64_t c, uint8_t* u, float* s16, float* o16) {
+  switch (qtype) {
+    case kQ8_0:
+    case kQ4_0:
+    case kQ4_1: {
+      const int64_t bytes = format_of(qtype).block_bytes;
+      for (int h = 0; h < 2; ++h) {
+        const uint8_t* b = row + (2 * c + h) * bytes;
+        const float d = half_to_float(b);
+        float offset;
+        if (qtype == kQ8_0) {
+          for (int i = 0; i < 32; ++i) u[32 * h + i] = uint8_t(b[2 + i] ^ 0x80);  // code + 128
+          offset = -128.0f * d;
+        } else {
+          const uint8_t* qs = b + (qtype == kQ4_0 ? 2 : 4);
+          for (int i = 0; i < 16; ++i) {
+            u[32 * h + i] = qs[i] & 0xF;
+            u[32 * h + 16 + i] = qs[i] >> 4;
+          }
+          offset = qtype == kQ4_0 ? -8.0f * d : half_to_float(b + 2);
+        }
+        s16[2 * h] = s16[2 * h + 1] = d;
+        o16[2 * h] = o16[2 * h + 1] = offset;
+      }
+      return;
+    }
+    case kQ4_K:
+    case kQ5_K: {
+      const int64_t bytes = format_of(qtype).block_bytes;
+      const uint8_t* b = row + (c / 4) * bytes;
+      const int j = int(c % 4);
+      const float d = half_to_float(b), dmin = half_to_float(b + 2);
+      const uint8_t* scales = b + 4;
+      const uint8_t* qh = b + 16;  // Q5_K only
+      const uint8_t* qs = b + (qtype == kQ4_K ? 16 : 48) + 32 * j;
+      for (int i = 0; i < 32; ++i) {
+        int lo = qs[i] & 0xF, hi = qs[i] >> 4;
+        if (qtype == kQ5_K) {
+          lo += (qh[i] >> (2 * j)) & 1 ? 16 : 0;
+          hi += (qh[i] >> (2 * j + 1)) & 1 ? 16 : 0;
+        }
+        u[i] = uint8_t(lo);
+        u[32 + i] = uint8_t(hi);
+      }
+      for (int h = 0; h < 2; ++h) {
+        int sc, mn;
+        scale_min_k4(2 * j + h, scales, &sc, &mn);
+        s16[2 * h] = s16[2 * h + 1] = d * float(sc);
+        o16[2 * h] = o16[2 * h + 1] = -dmin * float(mn);
+      }
+      return;
+    }
+    case kQ6_K: {
+      const uint8_t* b = row + (c / 4) * 210;
+      const int half = int(c % 4) / 2, odd = int(c % 2);
+      const uint8_t* ql = b + 64 * half;
+      const uint8_t* qh = b + 128 + 32 * half;
+      const auto* sc = reinterpret_cast<const int8_t*>(b + 192) + 8 * half + 4 * odd;
+      const float d = half_to_float(b + 208);
+      for (int i = 0; i < 32; ++i) {
+        const int shift = 4 * odd;
+        u[i] = uint8_t(((ql[i] >> shift) & 0xF) | (((qh[i] >> (4 * odd)) & 3) << 4));
+        u[32 + i] = uint8_t(((ql[32 + i] >> shift) & 0xF) | (((qh[i] >> (4 * odd + 2)) & 3) << 4));
+      }
+      for (int i = 0; i < 4; ++i) {
+        s16[i] = d * float(sc[i]);
+        o16[i] = -32.0f * s16[i];
+      }
+      return;
+    }
+    default: return;
+  }
+}
+
+// x rows quantized for the integer dot products: per row, K int8 codes, and per 16 values the
+// lane scale (the 32-block's scale) and scale * sum(codes), the term the weights' offsets meet.
+struct QuantizedRows {
+  std::vector<int8_t> codes;   // [m][k]
+  std::vector<float> scale16;  // [m][k / 16]
+  std::vector<float> sum16;    // [m][k / 16]
+  std::vector<float> lane_scale;  // [m][k / 4]: scale16 spread to the 4 lanes of each 16
+};
+
+template <class In>
+void quantize_rows(QuantizedRows& q, const In* x, int64_t m, int64_t k, int64_t x_stride) {
+  q.codes.resize(m * k);
+  q.scale16.resize(m * k / 16);
+  q.sum16.resize(m * k / 16);
+  q.lane_scale.resize(m * k / 4);
+#pragma omp parallel for schedule(static) if (m * k >= (int64_t(1) << 16))
+  for (int64_t r = 0; r < m; ++r) {
+    const In* xr = x + r * x_stride;
+    for (int64_t b = 0; b < k / 32; ++b) {
+      float v[32], amax = 0.0f;
+      for (int i = 0; i < 32; ++i) {
+        v[i] = load(xr[32 * b + i]);
+        amax = std::max(amax, std::fabs(v[i]));
+      }
+      const float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
+      int sums[2] = {0, 0};
+      for (int i = 0; i < 32; ++i) {
+        const int code = int(std::nearbyint(v[i] * inv));
+        q.codes[r * k + 32 * b + i] = int8_t(code);
+        sums[i / 16] += code;
+      }
+      for (int h = 0; h < 2; ++h) {
+        q.scale16[r * k / 16 + 2 * b + h] = d;
+        q.sum16[r * k / 16 + 2 * b + h] = d * float(sums[h]);
+      }
+      for (int i = 0; i < 8; ++i) q.lane_scale[r * k / 4 + 8 * b + i] = d;
+    }
+  }
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
+    !defined(SURGE_GENERIC)
+#define SURGE_QLINEAR_VNNI 1
+constexpr int kQRows = 8;  // x rows sharing one decode of a weight chunk
+constexpr int64_t kPrefetchAhead = 4;  // rows
+
+inline __m512i nibbles_lo_hi(__m256i packed) {  // 32 bytes -> [low nibbles | high nibbles]
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  const __m256i lo = _mm256_and_si256(packed, mask);
+  const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask);
+  return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+}
+
+// Per-lane scales from per-16 ones [s0 s1 s2 s3]: lanes 4i..4i+3 hold s_i (a lane of vpdpbusd's
+// result sums 4 consecutive products, so 4 lanes are one group of 16).
+inline __m512 spread16(__m128 s) {
+  return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+                               _mm512_castps128_ps512(s));
+}
+
+inline __m128 halves(const uint8_t* a, const uint8_t* b) {  // two f16 -> [a b a b] floats
+  const __m128 v = _mm_cvtph_ps(_mm_setr_epi16(*reinterpret_cast<const int16_t*>(a),
+                                               *reinterpret_cast<const int16_t*>(b), 0, 0, 0, 0,
+                                               0, 0));
+  return _mm_permute_ps(v, _MM_SHUFFLE(1, 1, 0, 0));  // [a a b b]
+}
+
+// The vector decode of chunk c: the same codes, scales and offsets as decode_chunk, the scales
+// kept in registers (per lane, and per 16 for the offsets). A template, so each format's decode
+// is inlined into its own copy of the loop.
+template <int qtype>
+__attribute__((always_inline)) inline __m512i chunk_codes(const uint8_t* row, int64_t c,
+                                                         __m512* lane_scale, __m128* off16) {
+  if constexpr (qtype == kQ8_0) {
+    const uint8_t* b0 = row + 2 * c * 34;
+    const uint8_t* b1 = b0 + 34;
+    const __m128 d = halves(b0, b1);
+    *lane_scale = spread16(d);
+    *off16 = _mm_mul_ps(d, _mm_set1_ps(-128.0f));
+    const __m256i q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b0 + 2));
+    const __m256i q1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b1 + 2));
+    const __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(q0), q1, 1);
+    return _mm512_xor_si512(q, _mm512_set1_epi8(char(0x80)));  // code + 128, unsigned
+  } else if constexpr (qtype == kQ4_0 || qtype == kQ4_1) {
+    constexpr int64_t bytes = qtype == kQ4_0 ? 18 : 20, qs = qtype == kQ4_0 ? 2 : 4;
+    const uint8_t* b0 = row + 2 * c * bytes;
+    const uint8_t* b1 = b0 + bytes;
+    const __m128 d = halves(b0, b1);
+    *lane_scale = spread16(d);
+    *off16 = qtype == kQ4_0 ? _mm_mul_ps(d, _mm_set1_ps(-8.0f)) : halves(b0 + 2, b1 + 2);
+    const __m128i p0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b0 + qs));
+    const __m128i p1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b1 + qs));
+    // [lo0 lo1 | hi0 hi1] -> [lo0 hi0 lo1 hi1]: element order
+    const __m512i z = nibbles_lo_hi(_mm256_inserti128_si256(_mm256_castsi128_si256(p0), p1, 1));
+    return _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 1, 2, 0));
+  } else if constexpr (qtype == kQ4_K || qtype == kQ5_K) {
+    constexpr int64_t bytes = qtype == kQ4_K ? 144 : 176;
+    const uint8_t* b = row + (c / 4) * bytes;
+    const int j = int(c % 4);
+    int sc0, mn0, sc1, mn1;
+    scale_min_k4(2 * j, b + 4, &sc0, &mn0);
+    scale_min_k4(2 * j + 1, b + 4, &sc1, &mn1);
+    const __m128 d = _mm_cvtph_ps(_mm_setr_epi16(*reinterpret_cast<const int16_t*>(b),
+                                                 *reinterpret_cast<const int16_t*>(b + 2), 0, 0,
+                                                 0, 0, 0, 0));  // [d dmin 0 0]
+    const __m128 dd = _mm_permute_ps(d, _MM_SHUFFLE(0, 0, 0, 0));
+    const __m128 dm = _mm_permute_ps(d, _MM_SHUFFLE(1, 1, 1, 1));
+    *lane_scale = spread16(_mm_mul_ps(dd, _mm_cvtepi32_ps(_mm_setr_epi32(sc0, sc0, sc1, sc1))));
+    *off16 = _mm_mul_ps(dm, _mm_cvtepi32_ps(_mm_setr_epi32(-mn0, -mn0, -mn1, -mn1)));
+    const uint8_t* qs = b + (qtype == kQ4_K ? 16 : 48) + 32 * j;
+    const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs));
+    if constexpr (qtype == kQ4_K) {
+      return nibbles_lo_hi(packed);
+    } else {
+      const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16));
+      const __m256i mask = _mm256_set1_epi8(0x0F), sixteen = _mm256_set1_epi8(16);
+      __m256i lo = _mm256_and_si256(packed, mask);
+      __m256i hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask);
+      lo = _mm256_mask_add_epi8(
+          lo, _mm256_test_epi8_mask(qh, _mm256_set1_epi8(char(1 << (2 * j)))), lo, sixteen);
+      hi = _mm256_mask_add_epi8(
+          hi, _mm256_test_epi8_mask(qh, _mm256_set1_epi8(char(1 << (2 * j + 1)))), hi, sixteen);
+      return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    }
+  } else {  // kQ6_K
+    const uint8_t* b = row + (c / 4) * 210;
+    const int half = int(c % 4) / 2, odd = int(c % 2);
+    int32_t sc4;
+    std::memcpy(&sc4, b + 192 + 8 * half + 4 * odd, 4);
+    const __m128 d = _mm_cvtph_ps(_mm_set1_epi16(*reinterpret_cast<const int16_t*>(b + 208)));
+    const __m128 s = _mm_mul_ps(d, _mm_cvtepi32_ps(_mm_cvtepi8_epi32(_mm_cvtsi32_si128(sc4))));
+    *lane_scale = spread16(s);
+    *off16 = _mm_mul_ps(s, _mm_set1_ps(-32.0f));
+    __m512i ql = _mm512_loadu_si512(b + 64 * half);  // [ql 0..31 | ql 32..63]
+    const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * half));
+    const int shift = 4 * odd;
+    // the two halves' high bits: (qh >> shift) & 3 and (qh >> (shift + 2)) & 3, then << 4
+    __m512i h = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_srli_epi16(qh, shift)),
+                                   _mm256_srli_epi16(qh, shift + 2), 1);
+    h = _mm512_slli_epi16(_mm512_and_si512(h, _mm512_set1_epi8(3)), 4);
+    if (odd) ql = _mm512_srli_epi16(ql, 4);
+    return _mm512_or_si512(_mm512_and_si512(ql, _mm512_set1_epi8(0x0F)), h);
+  }
+}
+
+// R rows of x against one weight row (one output column): each chunk decoded once for the R.
+template <int qtype, int R, class Out>
+void qlinear_rows(Out* out, int64_t out_stride, const QuantizedRows& x, int64_t r0,
+                  const uint8_t* row, int64_t k, float bias) {
+  __m512 acc[R];
+  __m128 off[R];
+  for (int r = 0; r < R; ++r) {
+    acc[r] = _mm512_setzero_ps();
+    off[r] = _mm_setzero_ps();
+  }
+  const int8_t* codes_x = x.codes.data() + r0 * k;
+  const float* scale_x = x.lane_scale.data() + r0 * k / 4;
+  const float* sum_x = x.sum16.data() + r0 * k / 16;
+  for (int64_t c = 0; c < k / 64; ++c) {
+    __m512 ws;
+    __m128 wo;
+    const __m512i codes = chunk_codes<qtype>(row, c, &ws, &wo);
+    for (int r = 0; r < R; ++r) {
+      const __m512i xc = _mm512_loadu_si512(codes_x + r * k + 64 * c);
+      const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, xc);
+      const __m512 xs = _mm512_loadu_ps(scale_x + r * k / 4 + 16 * c);
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(ws, xs), acc[r]);
+      off[r] = _mm_fmadd_ps(wo, _mm_loadu_ps(sum_x + r * k / 16 + 4 * c), off[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    alignas(16) float o[4];
+    _mm_store_ps(o, off[r]);
+    const float sum = _mm512_reduce_add_ps(acc[r]) + ((o[0] + o[1]) + (o[2] + o[3])) + bias;
+    out[(r0 + r) * out_stride] = store<Out>(sum);
+  }
+}
+
+// Rows in blocks that stay in L2 (their codes and scales), each block against every column
+// this thread owns (the same columns for every block: no barrier between blocks).
+template <int qtype, class Out>
+void qlinear_vnni(Out* out, int64_t out_stride, const QuantizedRows& x, int64_t m,
+                  const uint8_t* w, int64_t n, int64_t k, const bf16* bias) {
+  const int64_t row_bytes = k / format_of(qtype).block_elems * format_of(qtype).block_bytes;
+  const int64_t block_rows = std::max<int64_t>(kQRows, (int64_t(1) << 18) / (2 * k));
+#pragma omp parallel
+  for (int64_t b0 = 0; b0 < m; b0 += block_rows) {
+    const int64_t b1 = std::min(m, b0 + block_rows);
+#pragma omp for schedule(static) nowait
+    for (int64_t col = 0; col < n; ++col) {
+      const uint8_t* row = w + col * row_bytes;
+      // a row is a few hundred bytes: ask for the one kPrefetchAhead on, or each row's first
+      // loads wait on memory (the out-of-order window doesn't reach that far)
+      if (b0 == 0 && col + kPrefetchAhead < n)
+        for (int64_t l = 0; l < row_bytes; l += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchAhead * row_bytes + l),
+                       _MM_HINT_T0);
+      const float b = bias == nullptr ? 0.0f : load(bias[col]);
+      for (int64_t r0 = b0; r0 < b1; r0 += kQRows) {
+        Out* o = out + col;
+        switch (std::min<int64_t>(kQRows, b1 - r0)) {
+#define SURGE_QROWS_CASE(R)                                                  \
+  case R:                                                                    \
+    qlinear_rows<qtype, R>(o, out_stride, x, r0, row, k, b);                 \
+    break;
+          SURGE_QROWS_CASE(1)
+          SURGE_QROWS_CASE(2)
+          SURGE_QROWS_CASE(3)
+          SURGE_QROWS_CASE(4)
+          SURGE_QROWS_CASE(5)
+          SURGE_QROWS_CASE(6)
+          SURGE_QROWS_CASE(7)
+          SURGE_QROWS_CASE(8)
+#undef SURGE_QROWS_CASE
+          default:
+            break;
+        }
+      }
+    }
+  }
+}
+
+template <class Out>
+void qlinear_dispatch(Out* out, int64_t out_stride, const QuantizedRows& x, int64_t m,
+                      const uint8_t* w, int64_t n, int64_t k, int qtype, const bf16* bias) {
+  switch (qtype) {
+#define SURGE_QLINEAR_CASE(T)                                        \
+  case T:                                                            \
+    qlinear_vnni<T>(out, out_stride, x, m, w, n, k, bias); \
+    break;
+    SURGE_QLINEAR_CASE(kQ8_0)
+    SURGE_QLINEAR_CASE(kQ4_0)
+    SURGE_QLINEAR_CASE(kQ4_1)
+    SURGE_QLINEAR_CASE(kQ4_K)
+    SURGE_QLINEAR_CASE(kQ5_K)
+    SURGE_QLINEAR_CASE(kQ6_K)
+#undef SURGE_QLINEAR_CASE
+    default:
+      break;
+  }
+}
+#endif
+
+// Portable: each chunk decoded to float and multiplied by x as is (no x quantization).
+template <class In, class Out>
+void qlinear_portable(Out* out, int64_t out_stride, const In* x, int64_t x_stride, int64_t m,
+                      const uint8_t* w, int64_t n, int64_t k, int qtype, const bf16* bias) {
+  const int64_t row_bytes = k / format_of(qtype).block_elems * format_of(qtype).block_bytes;
+#pragma omp parallel for schedule(static)
+  for (int64_t col = 0; col < n; ++col) {
+    const uint8_t* row = w + col * row_bytes;
+    std::vector<float> wf(k);
+    for (int64_t c = 0; c < k / 64; ++c) {
+      uint8_t u[64];
+      float s16[4], o16[4];
+      decode_chunk(qtype, row, c, u, s16, o16);
+      for (int i = 0; i < 64; ++i) wf[64 * c + i] = s16[i / 16] * float(u[i]) + o16[i / 16];
+    }
+    for (int64_t r = 0; r < m; ++r) {
+      const In* xr = x + r * x_stride;
+      float lanes[16] = {};
+      for (int64_t i = 0; i < k; ++i) lanes[i % 16] += wf[i] * load(xr[i]);
+      float sum = bias == nullptr ? 0.0f : load(bias[col]);
+      for (float v : lanes) sum += v;
+      out[r * out_stride + col] = store<Out>(sum);
+    }
+  }
+}
+
+}  // namespace
+
+// Bytes per row of k weights in this GGUF type, or 0 where the type or k is not supported
+// (k must be a multiple of 64, and of 256 for the K-quants).
+extern "C" int64_t surge_qlinear_row_bytes(int qtype, int64_t k) {
+  const Format f = format_of(qtype);
+  if (f.block_elems == 0 || k % 64 != 0 || k % f.block_elems != 0) return 0;
+  return k / f.block_elems * f.block_bytes;
+}
+
+// 1 where the AVX-512 VNNI path is compiled in; 0: the portable path runs.
+extern "C" int surge_qlinear_vnni() {
+#if SURGE_QLINEAR_VNNI
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+// out [m, n] (bf16, or float32 with out_f32; row stride out_stride) = x [m, k] (bf16, row stride
+// x_stride) @ W^T + bias, W [n, k] in GGUF type qtype, rows of surge_qlinear_row_bytes bytes.
+extern "C" void surge_qlinear(void* out, int64_t out_stride, const void* x, int64_t x_stride,
+                              int64_t m, const void* w, int64_t n, int64_t k, int qtype,
+                              const void* bias, int out_f32) {
+  if (m <= 0 || surge_qlinear_row_bytes(qtype, k) == 0) return;
+  const auto* xb = static_cast<const bf16*>(x);
+  const auto* wb = static_cast<const uint8_t*>(w);
+  const auto* bb = static_cast<const bf16*>(bias);
+#if SURGE_QLINEAR_VNNI
+  QuantizedRows q;
+  quantize_rows(q, xb, m, k, x_stride);
+  if (out_f32) {
+    qlinear_dispatch(static_cast<float*>(out), out_stride, q, m, wb, n, k, qtype, bb);
+  } else {
+    qlinear_dispatch(static_cast<bf16*>(out), out_stride, q, m, wb, n, k, qtype, bb);
+  }
+#else
+  if (out_f32) {
+    qlinear_portable(static_cast<float*>(out), out_stride, xb, x_stride, m, wb, n, k, qtype, bb);
+  } else {
+    qlinear_portable(static_cast<bf16*>(out), out_stride, xb, x_stride, m, wb, n, k, qtype, bb);
+  }
+#endif
+}
+
+// Rows `ids` of a quantized matrix [*, k] decoded to bf16 (an embedding lookup).
+extern "C" void surge_qdequant_rows(void* out, const void* w, const int64_t* ids, int64_t count,
+                                    int64_t k, int qtype) {
+  const int64_t row_bytes = surge_qlinear_row_bytes(qtype, k);
+  if (row_bytes == 0) return;
+  auto* o = static_cast<bf16*>(out);
+  const auto* wb = static_cast<const uint8_t*>(w);
+#pragma omp parallel for schedule(static) if (count * k >= (int64_t(1) << 16))
+  for (int64_t i = 0; i < count; ++i) {
+    const uint8_t* row = wb + ids[i] * row_bytes;
+    for (int64_t c = 0; c < k / 64; ++c) {
+      uint8_t u[64];
+      float s16[4], o16[4];
+      decode_chunk(qtype, row, c, u, s16, o16);
+      for (int j = 0; j < 64; ++j)
+        o[i * k + 64 * c + j] = store<bf16>(s16[j / 16] * float(u[j]) + o16[j / 16]);
+    }
+  }
+}

@@ -1,0 +1,122 @@
+"""Quantized weights kept in GGUF's block formats, for the CPU kernels' quantized linear.
+
+A GGUF file's Q8_0, Q4_0, Q4_1, Q4_K, Q5_K and Q6_K matrices are kept as the file stores them
+(rows of blocks), never dequantized: the kernel reads those bytes (surge/kernels/quant_kernels.cpp).
+`--quantization int8|int4` turns an HF checkpoint's linear weights into the same formats at load
+(Q8_0: int8 codes with one scale per 32 weights of a row; Q4_1: 4-bit codes with a scale and a
+minimum per 32), quantized by the `gguf` library's own reference code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+# GGUF (ggml) type id -> (name, weights per block, bytes per block); the formats the kernel reads
+KERNEL_QTYPES: dict[int, tuple[str, int, int]] = {
+    8: ("Q8_0", 32, 34),
+    2: ("Q4_0", 32, 18),
+    3: ("Q4_1", 32, 20),
+    12: ("Q4_K", 256, 144),
+    13: ("Q5_K", 256, 176),
+    14: ("Q6_K", 256, 210),
+}
+QUANTIZATION_METHODS = ("auto", "none", "int8", "int4")
+_METHOD_QTYPE = {"int8": 8, "int4": 3}  # --quantization -> GGUF type quantized at load
+
+
+@dataclass(slots=True)
+class QuantizedTensor:
+    """A [rows, cols] matrix in a GGUF block format: `data` is uint8 [rows, bytes per row]."""
+
+    qtype: int
+    data: torch.Tensor
+    shape: tuple[int, int]
+
+    @property
+    def type_name(self) -> str:
+        """'Q4_K' etc."""
+        return KERNEL_QTYPES[self.qtype][0]
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 [rows, cols], by the gguf library (the reference for the kernel)."""
+        from gguf.quants import dequantize
+
+        array = dequantize(self.data.numpy(), self.qtype)
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).reshape(self.shape)
+
+    def permute_rows(self, order: torch.Tensor) -> QuantizedTensor:
+        """The rows reordered (rows are independent blocks, so this moves bytes only)."""
+        return QuantizedTensor(self.qtype, self.data[order].contiguous(), self.shape)
+
+
+def row_bytes(qtype: int, cols: int) -> int:
+    """Bytes of one row of `cols` weights; 0 where the kernel can't take this type or width.
+
+    The kernel reads 64 weights at a time: cols must be a multiple of 64 (and of 256 for the
+    K-quants, whose blocks are that long).
+    """
+    if qtype not in KERNEL_QTYPES or cols % 64:
+        return 0
+    _, block, size = KERNEL_QTYPES[qtype]
+    return 0 if cols % block else cols // block * size
+
+
+def kernel_can_take(qtype: int, shape: tuple[int, ...]) -> bool:
+    """Whether the quantized linear can run a matrix of this GGUF type and HF shape."""
+    return len(shape) == 2 and row_bytes(qtype, shape[1]) > 0
+
+
+def quantize(weight: torch.Tensor, method: str) -> QuantizedTensor | None:
+    """The weight [rows, cols] in `method`'s format (int8: Q8_0, int4: Q4_1); None if it can't be."""
+    qtype = _METHOD_QTYPE[method]
+    if not kernel_can_take(qtype, tuple(weight.shape)):
+        return None
+    from gguf.quants import quantize as gguf_quantize
+
+    data = gguf_quantize(weight.detach().float().numpy(), qtype)
+    return QuantizedTensor(qtype, torch.from_numpy(data), (weight.shape[0], weight.shape[1]))
+
+
+def check_method(method: str) -> str:
+    """The --quantization value, validated."""
+    if method not in QUANTIZATION_METHODS:
+        raise ValueError(f"quantization must be one of {QUANTIZATION_METHODS}, not {method!r}")
+    return method
+
+
+def weights_summary(model: torch.nn.Module) -> str:
+    """'Q4_1 x 210, Q8_0 x 1 (58 MiB)' for a model's quantized matrices, or 'unquantized'."""
+    counts: dict[str, int] = {}
+    total = 0
+    seen: set[int] = set()
+    for module in model.modules():
+        tensors = [w for _, w in getattr(module, "quant_segments", None) or []]
+        if getattr(module, "quant", None) is not None:
+            tensors.append(module.quant)
+        for weight in tensors:
+            if weight.data.data_ptr() in seen:  # a tied table counts once
+                continue
+            seen.add(weight.data.data_ptr())
+            counts[weight.type_name] = counts.get(weight.type_name, 0) + 1
+            total += weight.data.numel()
+    if not counts:
+        return "unquantized"
+    kinds = ", ".join(f"{name} x {n}" for name, n in sorted(counts.items()))
+    return f"{kinds} ({total / 2**20:.0f} MiB)"
+
+
+def release_freed_memory() -> None:
+    """Give the heap's free pages back to the OS (glibc malloc_trim), so RSS shows what is held."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

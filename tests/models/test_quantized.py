@@ -1,0 +1,210 @@
+"""GGUF-quantized weights kept quantized: the kernel against the gguf library's dequantization,
+batch invariance, the bundled Q4_1 model end to end, --quantization int8/int4, and the perplexity
+gate (each format against bf16 of the same weights)."""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from surge import LLM, SamplingParams
+from surge.bench.perplexity import perplexity
+from surge.kernels import CpuKernels, build_library, find_compiler, load_cpu_kernels
+from surge.models.layers import Linear
+from surge.models.quant import (
+    KERNEL_QTYPES,
+    QuantizedTensor,
+    quantize,
+    row_bytes,
+    weights_summary,
+)
+from tests.engine.test_invariants import mixed_workload, run_alone, run_batch
+from tests.tiny_models import make_tiny_model_dir
+
+pytestmark = pytest.mark.skipif(
+    load_cpu_kernels() is None, reason="no C++ compiler: kernels not built"
+)
+QTYPES = sorted(KERNEL_QTYPES)
+# where each format keeps its float16 scales (offset in the block, typical magnitude)
+_SCALES = {
+    8: [(0, 0.01)],
+    2: [(0, 0.01)],
+    3: [(0, 0.01), (2, 0.05)],
+    12: [(0, 0.001), (2, 0.001)],
+    13: [(0, 0.001), (2, 0.001)],
+    14: [(208, 0.001)],
+}
+
+
+@pytest.fixture(scope="module", params=["native", "generic"])
+def kernels(request) -> CpuKernels:
+    """The library as the engine loads it (AVX-512 VNNI where the CPU has it) and the portable one."""
+    if request.param == "native":
+        return load_cpu_kernels()
+    return CpuKernels(ctypes.CDLL(str(build_library(find_compiler(), ("-DSURGE_GENERIC",)))))
+
+
+def random_quantized(qtype: int, rows: int, cols: int, seed: int = 0) -> QuantizedTensor:
+    """Random codes with finite, model-like float16 scales: any bytes are valid codes."""
+    rng = np.random.default_rng(seed)
+    _, block, size = KERNEL_QTYPES[qtype]
+    data = rng.integers(0, 256, size=(rows, cols // block, size), dtype=np.uint8)
+    for offset, scale in _SCALES[qtype]:
+        halves = (rng.standard_normal(data.shape[:2]) * scale).astype(np.float16)
+        data[:, :, offset : offset + 2] = halves.view(np.uint8).reshape(*data.shape[:2], 2)
+    flat = torch.from_numpy(data.reshape(rows, row_bytes(qtype, cols)).copy())
+    return QuantizedTensor(qtype, flat, (rows, cols))
+
+
+def reference(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None) -> torch.Tensor:
+    out = x.float() @ w.dequantize().T
+    return out if bias is None else out + bias.float()
+
+
+@pytest.mark.parametrize("qtype", QTYPES, ids=[KERNEL_QTYPES[q][0] for q in QTYPES])
+@pytest.mark.parametrize("rows", [1, 5, 8, 9, 33])
+def test_qlinear_matches_the_dequantized_reference(kernels, qtype, rows):
+    w = random_quantized(qtype, 70, 512, seed=rows)
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 512, generator=gen).bfloat16()
+    bias = torch.randn(70, generator=gen).bfloat16()
+    ref = reference(x, w, bias)
+    got = kernels.qlinear(x, [(0, w)], 70, bias, out_dtype=torch.float32)
+    # x is quantized to int8 per 32 values on the VNNI path (as llama.cpp does): ~1% of the
+    # output's scale; the portable path multiplies by x as is
+    tol = 0.02 if kernels.qlinear_vnni else 1e-4
+    assert (got - ref).abs().max() <= tol * ref.abs().max()
+    rounded = kernels.qlinear(x, [(0, w)], 70, bias)
+    assert rounded.dtype == torch.bfloat16 and torch.equal(rounded, got.bfloat16())
+
+
+@pytest.mark.parametrize("qtype", QTYPES, ids=[KERNEL_QTYPES[q][0] for q in QTYPES])
+def test_qlinear_is_batch_invariant(kernels, qtype):
+    # k = 2048: the kernel's row blocks are 64 rows, so 70 rows cross one
+    w = random_quantized(qtype, 40, 2048, seed=3)
+    wide = torch.randn(70, 3 * 2048, generator=torch.Generator().manual_seed(5)).bfloat16()
+    x = wide[:, 2048:4096]  # strided rows, as a slice of a fused projection
+    batch = kernels.qlinear(x, [(0, w)], 40, None)
+    for i in [0, 7, 8, 63, 64, 69]:
+        assert torch.equal(kernels.qlinear(x[i : i + 1], [(0, w)], 40, None), batch[i : i + 1])
+    assert torch.equal(kernels.qlinear(x[5:20], [(0, w)], 40, None), batch[5:20])
+
+
+def test_segments_of_different_formats_fill_their_columns(kernels):
+    q8, q6 = random_quantized(8, 64, 256, seed=1), random_quantized(14, 32, 256, seed=2)
+    x = torch.randn(3, 256).bfloat16()
+    both = kernels.qlinear(x, [(0, q8), (64, q6)], 96, None)
+    assert torch.equal(both[:, :64], kernels.qlinear(x, [(0, q8)], 64, None))
+    assert torch.equal(both[:, 64:], kernels.qlinear(x, [(0, q6)], 32, None))
+
+
+def test_linear_merges_same_format_segments_and_refuses_gaps(kernels):
+    linear = Linear(256, 96, bias=False, device="meta")
+    linear.load_quantized(random_quantized(3, 64, 256, seed=1), 0)
+    linear.load_quantized(random_quantized(3, 32, 256, seed=2), 64)
+    assert linear.pack(kernels) and linear.weight is None
+    assert [(first, w.shape) for first, w in linear.quant_segments] == [(0, (96, 256))]
+    gap = Linear(256, 96, bias=False, device="meta")
+    gap.load_quantized(random_quantized(3, 32, 256), 64)
+    with pytest.raises(ValueError, match="never loaded"):
+        gap.pack(kernels)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        gap.load_quantized(random_quantized(3, 32, 512), 0)
+
+
+@pytest.mark.parametrize("qtype", QTYPES, ids=[KERNEL_QTYPES[q][0] for q in QTYPES])
+def test_embedding_rows_equal_gguf_dequantize(kernels, qtype):
+    table = random_quantized(qtype, 50, 256, seed=qtype)
+    ids = torch.tensor([[0, 49], [7, 7]])
+    rows = kernels.qembedding(ids, table)
+    assert rows.shape == (2, 2, 256)
+    assert torch.equal(rows, table.dequantize()[ids].bfloat16())
+
+
+def test_shapes_the_kernel_cannot_take_stay_float():
+    assert row_bytes(12, 576) == 0  # K-quants need 256 | cols
+    assert row_bytes(3, 96) == 0  # 64 | cols
+    assert row_bytes(1, 512) == 0  # F16: not a kernel format
+    assert quantize(torch.randn(8, 96), "int8") is None
+    q = quantize(torch.randn(8, 128), "int4")
+    assert q.type_name == "Q4_1" and q.data.shape == (8, row_bytes(3, 128))
+
+
+# ---- models ---------------------------------------------------------------------------------
+
+
+def test_bundled_q4_1_runs_quantized_answers_and_is_batch_invariant(default_model_path: Path):
+    """The bundled GGUF stays Q4_1 (no bf16 copy) and keeps the batch rule on its kernel.
+
+    The step budget fits every prompt whole, as in test_default_model's bf16 case.
+    """
+    llm = LLM(str(default_model_path), dtype="bfloat16", max_num_batched_tokens=16384)
+    runner = llm.engine.core.runner
+    assert runner.quantization == "gguf"
+    linears = [m for m in runner.model.modules() if isinstance(m, Linear)]
+    assert linears and all(m.weight is None and m.quant_segments for m in linears)
+    out = llm.chat(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        SamplingParams(temperature=0.0, max_tokens=32),
+    )[0]
+    assert "Paris" in out.outputs[0].text
+    prompts, params = mixed_workload(runner.vocab_size, num=24, seed=3)
+    for p in params:
+        p.max_tokens = min(p.max_tokens, 8)
+    assert run_batch(llm, prompts, params) == run_alone(llm, prompts, params)
+
+
+def test_perplexity_gate_q4_1_kernel_against_bf16_of_the_same_weights(default_model_path: Path):
+    """The Q4_1 kernel (x quantized to int8 per 32, as llama.cpp does) within 2% of the same
+    weights dequantized to bf16, on the shipped English + Chinese text."""
+    options = {"dtype": "bfloat16", "num_kv_blocks": 40}
+    bf16 = perplexity(LLM(str(default_model_path), quantization="none", **options))
+    q4 = perplexity(LLM(str(default_model_path), **options))
+    assert bf16.weights == "unquantized" and q4.weights.startswith("Q4_1")
+    assert bf16.tokens == q4.tokens > 1000
+    assert abs(q4.perplexity / bf16.perplexity - 1) < 0.02, (bf16, q4)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_model_dir(tmp_path_factory.mktemp("quant") / "llama", "llama", seed=4)
+
+
+def test_int8_int4_quantize_an_hf_checkpoint_at_load(tiny_dir: Path):
+    options = {"dtype": "bfloat16", "num_kv_blocks": 32}
+    ids = torch.arange(5, 37)
+    ref = _prompt_logits(LLM(str(tiny_dir), quantization="none", **options).engine.core.runner, ids)
+    errors = {}
+    for method, fmt in [("int8", "Q8_0"), ("int4", "Q4_1")]:
+        llm = LLM(str(tiny_dir), quantization=method, **options)
+        runner = llm.engine.core.runner
+        assert weights_summary(runner.model).startswith(fmt)
+        logits = _prompt_logits(runner, ids)
+        errors[method] = float((logits - ref).norm() / ref.norm())
+        prompts, params = mixed_workload(runner.vocab_size, num=8, seed=4)
+        assert run_batch(llm, prompts, params) == run_alone(llm, prompts, params)
+    # a random 2-layer model: logits relative to bf16's; 8 bits clearly closer than 4
+    assert errors["int8"] < 0.1 and errors["int4"] < 0.5, errors
+    assert errors["int8"] < errors["int4"] / 2, errors
+
+
+def _prompt_logits(runner, ids: torch.Tensor) -> torch.Tensor:
+    from surge.models.attention import build_attention_metadata
+
+    meta = build_attention_metadata([len(ids)], [len(ids)], [[0, 1]], runner.config.block_size)
+    with torch.inference_mode():
+        hidden = runner.model(ids, torch.arange(len(ids)), runner.kv_caches, meta)
+        return runner.model.compute_logits(hidden)
+
+
+def test_quantization_refusals(tiny_dir: Path, default_model_path: Path):
+    with pytest.raises(ValueError, match="quantized already"):
+        LLM(str(default_model_path), quantization="int8", num_kv_blocks=8)
+    with pytest.raises(ValueError, match="needs bfloat16"):
+        LLM(str(tiny_dir), dtype="float32", quantization="int4", num_kv_blocks=8)
+    with pytest.raises(ValueError, match="quantization must be"):
+        LLM(str(tiny_dir), quantization="int3", num_kv_blocks=8)
