@@ -50,7 +50,9 @@ def test_smollm2_bfloat16_batch_matches_alone_on_the_cpu_kernels(default_model_p
     kernels = load_cpu_kernels()
     if kernels is None or not kernels.has_linear:
         pytest.skip("no AVX-512 BF16: bf16 linears run on oneDNN, which is not batch-invariant")
-    whole = {"dtype": "bfloat16", "max_num_batched_tokens": 16384}
+    # the GGUF dequantized to bf16: the bf16 linear (AMX or AVX-512 BF16, one per process);
+    # the quantized kernel's case is in tests/models/test_quantized.py
+    whole = {"dtype": "bfloat16", "max_num_batched_tokens": 16384, "quantization": "none"}
     llm = LLM(str(default_model_path), enable_prefix_caching=False, **whole)
     prompts, params = mixed_workload(llm.engine.core.runner.vocab_size, num=64, seed=2)
     for p in params:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -18,7 +19,7 @@ import httpx
 
 logger = logging.getLogger(__name__)
 
-SYSTEMS = ("surge", "naive", "vllm", "llamacpp")
+SYSTEMS = ("surge", "surge-quant", "naive", "vllm", "llamacpp")
 HF_COPY_NAME = "SmolLM2-135M-Instruct-hf"
 
 
@@ -63,14 +64,17 @@ def _surge_version() -> str:
     return f"surge {version('surge')}"
 
 
-def surge_baseline(s: LaunchSettings) -> Baseline:
-    """surge itself, `python -m surge.cli serve`."""
+def surge_baseline(s: LaunchSettings, quantization: str = "none") -> Baseline:
+    """surge itself, `python -m surge.cli serve`: bf16 weights ("surge", the same weights as vLLM
+    and the naive server) or a GGUF's quantized weights kept quantized ("surge-quant", the same
+    weights as llama.cpp)."""
     cmd = [sys.executable, "-m", "surge.cli", "serve", *([s.model] if s.model else [])]
+    cmd += ["--quantization", quantization]
     cmd += ["--host", "127.0.0.1", "--port", "{port}", "--max-num-seqs", str(s.max_num_seqs)]
     cmd += ["--dtype", s.dtype] + ([] if s.prefix_caching else ["--no-prefix-caching"])
     cmd += ["--threads", str(s.threads)] if s.threads else []
     return Baseline(
-        "surge",
+        "surge" if quantization == "none" else "surge-quant",
         tuple(cmd),
         ready_path="/ready",
         extra_body={"ignore_eos": True},
@@ -177,6 +181,7 @@ def llamacpp_baseline(s: LaunchSettings) -> Baseline:
 
 _FACTORIES = {
     "surge": surge_baseline,
+    "surge-quant": functools.partial(surge_baseline, quantization="auto"),
     "naive": naive_baseline,
     "vllm": vllm_baseline,
     "llamacpp": llamacpp_baseline,

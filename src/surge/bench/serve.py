@@ -262,7 +262,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     from surge.bench.workloads import WORKLOADS
 
     parser.add_argument(
-        "--systems", default="surge", help="comma list of surge,naive,vllm,llamacpp"
+        "--systems",
+        default="surge",
+        help="comma list of surge (bf16), surge-quant (a GGUF kept quantized), naive, vllm, llamacpp",
     )
     parser.add_argument("--target", default=None, help="URL of a running OpenAI-compatible server")
     parser.add_argument("--served-model-name", default=None, help="model to request (--target)")
