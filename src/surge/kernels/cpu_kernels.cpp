@@ -628,6 +628,10 @@ inline void amx_config(int rows0, int rows1) {
     cfg.rows[6 + j] = kAmxDepth / 2;
     cfg.colsb[6 + j] = 64;
   }
+  // GCC 12's _tile_loadconfig tells the optimizer it reads 8 bytes of the 64, so it may drop
+  // the stores that size the tiles (0x0 tiles: SIGILL, as llama.cpp's AMX kernel built with it
+  // does here); the barrier makes every store land first
+  asm volatile("" : : "r"(&cfg) : "memory");
   _tile_loadconfig(&cfg);
 }
 
