@@ -56,8 +56,7 @@ def random_quantized(qtype: int, rows: int, cols: int, seed: int = 0) -> Quantiz
     for offset, scale in _SCALES[qtype]:
         halves = (rng.standard_normal(data.shape[:2]) * scale).astype(np.float16)
         data[:, :, offset : offset + 2] = halves.view(np.uint8).reshape(*data.shape[:2], 2)
-    flat = torch.from_numpy(data.reshape(rows, row_bytes(qtype, cols)).copy())
-    return QuantizedTensor(qtype, flat, (rows, cols))
+    return QuantizedTensor.from_gguf(qtype, data.reshape(rows, -1), (rows, cols))
 
 
 def reference(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -125,13 +124,25 @@ def test_embedding_rows_equal_gguf_dequantize(kernels, qtype):
     assert torch.equal(rows, table.dequantize()[ids].bfloat16())
 
 
+@pytest.mark.parametrize("qtype", QTYPES, ids=[KERNEL_QTYPES[q][0] for q in QTYPES])
+def test_the_kernel_layout_keeps_every_gguf_byte(qtype):
+    from gguf.quants import dequantize
+
+    w = random_quantized(qtype, 6, 256, seed=9)
+    gguf = w.gguf_bytes()
+    assert gguf.shape == (6, 256 // KERNEL_QTYPES[qtype][1] * KERNEL_QTYPES[qtype][2])
+    again = QuantizedTensor.from_gguf(qtype, gguf, (6, 256))
+    assert torch.equal(again.data, w.data) and w.data.shape == (6, row_bytes(qtype, 256))
+    assert torch.equal(w.dequantize(), torch.from_numpy(dequantize(gguf, qtype)).float())
+
+
 def test_shapes_the_kernel_cannot_take_stay_float():
     assert row_bytes(12, 576) == 0  # K-quants need 256 | cols
     assert row_bytes(3, 96) == 0  # 64 | cols
     assert row_bytes(1, 512) == 0  # F16: not a kernel format
     assert quantize(torch.randn(8, 96), "int8") is None
     q = quantize(torch.randn(8, 128), "int4")
-    assert q.type_name == "Q4_1" and q.data.shape == (8, row_bytes(3, 128))
+    assert q.type_name == "Q4_1" and q.data.shape == (8, row_bytes(3, 128)) == (8, 80)
 
 
 # ---- models ---------------------------------------------------------------------------------

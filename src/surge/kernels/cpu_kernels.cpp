@@ -605,6 +605,7 @@ void linear_bf16(Out* out, const bf16* x, const bf16* packed, const bf16* bias, 
 // multiple of 32 (a tile's depth); other shapes take the AVX-512 kernel.
 constexpr int kAmxRows = 16;   // rows of an A / C tile
 constexpr int kAmxDepth = 32;  // bf16 values of K per A tile row
+constexpr int64_t kAmxSliceBytes = int64_t(1) << 20;  // bytes of x rows per pass over the blocks
 
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
@@ -705,34 +706,40 @@ void linear_amx(Out* out, const bf16* x, const bf16* packed, const bf16* bias, i
   const int64_t blocks = (n + kLinearCols - 1) / kLinearCols, kpairs = k / 2;
   const int64_t block_elems = kpairs * kLinearCols * 2;
   const int64_t pairs_of_groups = (m + 2 * kAmxRows - 1) / (2 * kAmxRows);
+  const int64_t slice_groups = std::max<int64_t>(1, kAmxSliceBytes / (2 * kAmxRows * k * 2));
 #pragma omp parallel
   {
     alignas(64) float scratch[2 * kAmxRows * 16];
     int cfg0 = -1, cfg1 = -1;
     const int64_t threads = omp_get_num_threads(), t = omp_get_thread_num();
     const int64_t first = t * blocks / threads, end = (t + 1) * blocks / threads;
-    for (int64_t b = first; b < end; ++b) {
-      const int64_t c0 = b * kLinearCols, width = std::min(kLinearCols, n - c0);
-      __mmask16 cols[2];
-      for (int j = 0; j < 2; ++j) {
-        const int64_t c = width - 16 * j;
-        cols[j] = c >= 16 ? __mmask16(0xffff) : c <= 0 ? __mmask16(0) : __mmask16((1u << c) - 1);
-      }
-      const bf16* blk = packed + b * block_elems;
-      const bf16* bs = bias == nullptr ? nullptr : bias + c0;
-      for (int64_t g = 0; g < pairs_of_groups; ++g) {
-        const int64_t r0 = g * 2 * kAmxRows, left = m - r0;
-        const int rows0 = int(std::min<int64_t>(kAmxRows, left));
-        const int rows1 = int(std::clamp<int64_t>(left - kAmxRows, 0, kAmxRows));
-        if (rows0 != cfg0 || rows1 != cfg1) {
-          amx_config(rows0, rows1);
-          cfg0 = rows0;
-          cfg1 = rows1;
+    // rows in slices whose x stays in L2 while the thread's blocks stream past (a prefill's
+    // thousands of rows would otherwise be re-read from memory for every block)
+    for (int64_t g0 = 0; g0 < pairs_of_groups; g0 += slice_groups) {
+      const int64_t g1 = std::min(pairs_of_groups, g0 + slice_groups);
+      for (int64_t b = first; b < end; ++b) {
+        const int64_t c0 = b * kLinearCols, width = std::min(kLinearCols, n - c0);
+        __mmask16 cols[2];
+        for (int j = 0; j < 2; ++j) {
+          const int64_t c = width - 16 * j;
+          cols[j] = c >= 16 ? __mmask16(0xffff) : c <= 0 ? __mmask16(0) : __mmask16((1u << c) - 1);
         }
-        amx_block_rows(out + r0 * out_stride + c0, out_stride, x + r0 * x_stride, x_stride, blk, k,
-                       rows0, rows1, bs, cols, scratch,
-                       g == 0 && b + 1 < end ? reinterpret_cast<const char*>(blk + block_elems)
-                                             : nullptr);
+        const bf16* blk = packed + b * block_elems;
+        const bf16* bs = bias == nullptr ? nullptr : bias + c0;
+        for (int64_t g = g0; g < g1; ++g) {
+          const int64_t r0 = g * 2 * kAmxRows, left = m - r0;
+          const int rows0 = int(std::min<int64_t>(kAmxRows, left));
+          const int rows1 = int(std::clamp<int64_t>(left - kAmxRows, 0, kAmxRows));
+          if (rows0 != cfg0 || rows1 != cfg1) {
+            amx_config(rows0, rows1);
+            cfg0 = rows0;
+            cfg1 = rows1;
+          }
+          amx_block_rows(out + r0 * out_stride + c0, out_stride, x + r0 * x_stride, x_stride, blk, k,
+                         rows0, rows1, bs, cols, scratch,
+                         g == g0 && b + 1 < end ? reinterpret_cast<const char*>(blk + block_elems)
+                                                : nullptr);
+        }
       }
     }
     if (cfg0 >= 0) _tile_release();

@@ -1,5 +1,7 @@
-// Linear layers on GGUF-quantized weights, read in their file format (no dequantized copy):
-// Q8_0, Q4_0, Q4_1 (blocks of 32) and Q4_K, Q5_K, Q6_K (super-blocks of 256).
+// Linear layers on GGUF-quantized weights, never dequantized to a float copy: Q4_K, Q5_K, Q6_K
+// (super-blocks of 256) read as the file stores them; Q8_0, Q4_0, Q4_1 (blocks of 32) repacked at
+// load into 64-weight chunks of the same size (surge/models/quant.py), which decode in a few
+// instructions.
 //
 // As llama.cpp does, each row of x is quantized to int8 in blocks of 32 (one float scale per
 // block, round to nearest even), and the weights' integer codes meet it in integer dot products:
@@ -78,9 +80,9 @@ struct Format {
 
 inline Format format_of(int qtype) {
   switch (qtype) {
-    case kQ8_0: return {32, 34};
-    case kQ4_0: return {32, 18};
-    case kQ4_1: return {32, 20};
+    case kQ8_0: return {64, 68};  // repacked at load (surge/models/quant.py): 64-weight chunks
+    case kQ4_0: return {64, 40};
+    case kQ4_1: return {64, 40};
     case kQ4_K: return {256, 144};
     case kQ5_K: return {256, 176};
     case kQ6_K: return {256, 210};
@@ -92,27 +94,26 @@ inline Format format_of(int qtype) {
 // Scalar decode, shared by the portable path and the tests of the vector one.
 void decode_chunk(int qtype, const uint8_t* row, int64_t c, uint8_t* u, float* s16, float* o16) {
   switch (qtype) {
-    case kQ8_0:
-    case kQ4_0:
-    case kQ4_1: {
-      const int64_t bytes = format_of(qtype).block_bytes;
+    case kQ8_0: {  // [f16 d0 d1][64 codes + 128]
+      const uint8_t* b = row + c * 68;
       for (int h = 0; h < 2; ++h) {
-        const uint8_t* b = row + (2 * c + h) * bytes;
-        const float d = half_to_float(b);
-        float offset;
-        if (qtype == kQ8_0) {
-          for (int i = 0; i < 32; ++i) u[32 * h + i] = uint8_t(b[2 + i] ^ 0x80);  // code + 128
-          offset = -128.0f * d;
-        } else {
-          const uint8_t* qs = b + (qtype == kQ4_0 ? 2 : 4);
-          for (int i = 0; i < 16; ++i) {
-            u[32 * h + i] = qs[i] & 0xF;
-            u[32 * h + 16 + i] = qs[i] >> 4;
-          }
-          offset = qtype == kQ4_0 ? -8.0f * d : half_to_float(b + 2);
-        }
+        const float d = half_to_float(b + 2 * h);
         s16[2 * h] = s16[2 * h + 1] = d;
-        o16[2 * h] = o16[2 * h + 1] = offset;
+        o16[2 * h] = o16[2 * h + 1] = -128.0f * d;
+      }
+      std::memcpy(u, b + 4, 64);
+      return;
+    }
+    case kQ4_0:
+    case kQ4_1: {  // [f16 d0 d1 m0 m1][32 bytes: weight i low nibble, 32 + i high]
+      const uint8_t* b = row + c * 40;
+      for (int h = 0; h < 2; ++h) {
+        s16[2 * h] = s16[2 * h + 1] = half_to_float(b + 2 * h);
+        o16[2 * h] = o16[2 * h + 1] = half_to_float(b + 4 + 2 * h);
+      }
+      for (int i = 0; i < 32; ++i) {
+        u[i] = b[8 + i] & 0xF;
+        u[32 + i] = b[8 + i] >> 4;
       }
       return;
     }
@@ -224,13 +225,6 @@ inline __m512 spread16(__m128 s) {
                                _mm512_castps128_ps512(s));
 }
 
-inline __m128 halves(const uint8_t* a, const uint8_t* b) {  // two f16 -> [a b a b] floats
-  const __m128 v = _mm_cvtph_ps(_mm_setr_epi16(*reinterpret_cast<const int16_t*>(a),
-                                               *reinterpret_cast<const int16_t*>(b), 0, 0, 0, 0,
-                                               0, 0));
-  return _mm_permute_ps(v, _MM_SHUFFLE(1, 1, 0, 0));  // [a a b b]
-}
-
 // The vector decode of chunk c: the same codes, scales and offsets as decode_chunk, the scales
 // kept in registers (per lane, and per 16 for the offsets). A template, so each format's decode
 // is inlined into its own copy of the loop.
@@ -238,27 +232,19 @@ template <int qtype>
 __attribute__((always_inline)) inline __m512i chunk_codes(const uint8_t* row, int64_t c,
                                                          __m512* lane_scale, __m128* off16) {
   if constexpr (qtype == kQ8_0) {
-    const uint8_t* b0 = row + 2 * c * 34;
-    const uint8_t* b1 = b0 + 34;
-    const __m128 d = halves(b0, b1);
+    const uint8_t* b = row + c * 68;
+    int32_t d2;
+    std::memcpy(&d2, b, 4);
+    const __m128 d = _mm_permute_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(d2)), _MM_SHUFFLE(1, 1, 0, 0));
     *lane_scale = spread16(d);
     *off16 = _mm_mul_ps(d, _mm_set1_ps(-128.0f));
-    const __m256i q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b0 + 2));
-    const __m256i q1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b1 + 2));
-    const __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(q0), q1, 1);
-    return _mm512_xor_si512(q, _mm512_set1_epi8(char(0x80)));  // code + 128, unsigned
+    return _mm512_loadu_si512(b + 4);  // codes + 128, unsigned
   } else if constexpr (qtype == kQ4_0 || qtype == kQ4_1) {
-    constexpr int64_t bytes = qtype == kQ4_0 ? 18 : 20, qs = qtype == kQ4_0 ? 2 : 4;
-    const uint8_t* b0 = row + 2 * c * bytes;
-    const uint8_t* b1 = b0 + bytes;
-    const __m128 d = halves(b0, b1);
-    *lane_scale = spread16(d);
-    *off16 = qtype == kQ4_0 ? _mm_mul_ps(d, _mm_set1_ps(-8.0f)) : halves(b0 + 2, b1 + 2);
-    const __m128i p0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b0 + qs));
-    const __m128i p1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b1 + qs));
-    // [lo0 lo1 | hi0 hi1] -> [lo0 hi0 lo1 hi1]: element order
-    const __m512i z = nibbles_lo_hi(_mm256_inserti128_si256(_mm256_castsi128_si256(p0), p1, 1));
-    return _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 1, 2, 0));
+    const uint8_t* b = row + c * 40;
+    const __m128 v = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b)));
+    *lane_scale = spread16(_mm_permute_ps(v, _MM_SHUFFLE(1, 1, 0, 0)));  // [d0 d0 d1 d1]
+    *off16 = _mm_permute_ps(v, _MM_SHUFFLE(3, 3, 2, 2));                // [m0 m0 m1 m1]
+    return nibbles_lo_hi(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 8)));
   } else if constexpr (qtype == kQ4_K || qtype == kQ5_K) {
     constexpr int64_t bytes = qtype == kQ4_K ? 144 : 176;
     const uint8_t* b = row + (c / 4) * bytes;

@@ -328,8 +328,7 @@ def _iter_gguf_weights(
         qtype = int(tensor.tensor_type)
         if keep_quantized and _is_matrix(name) and kernel_can_take(qtype, shape):
             # the file's bytes, copied out of the memory map: rows of blocks, as stored
-            data = torch.from_numpy(np.array(tensor.data, dtype=np.uint8)).reshape(shape[0], -1)
-            weight = QuantizedTensor(qtype, data, (shape[0], shape[1]))
+            weight = QuantizedTensor.from_gguf(qtype, np.asarray(tensor.data), (shape[0], shape[1]))
             if heads is not None and name.endswith(".weight"):
                 order = _reverse_qk_permute(torch.arange(shape[0]), heads)
                 weight = weight.permute_rows(order)

@@ -23,17 +23,36 @@ KERNEL_QTYPES: dict[int, tuple[str, int, int]] = {
     13: ("Q5_K", 256, 176),
     14: ("Q6_K", 256, 210),
 }
+# The 32-weight formats are repacked at load into 64-weight chunks the kernel decodes in a few
+# instructions: [f16 d0 d1 (m0 m1)][codes], the 4-bit codes of weights i and 32 + i sharing byte
+# i, the 8-bit ones stored + 128. Same bytes as the file for Q4_1 and Q8_0; Q4_0 gains its
+# offsets (m = -8 d), 40 bytes per 64 weights instead of 36. K-quants are read as stored.
+_CHUNK_BYTES = {2: 40, 3: 40, 8: 68}
 QUANTIZATION_METHODS = ("auto", "none", "int8", "int4")
 _METHOD_QTYPE = {"int8": 8, "int4": 3}  # --quantization -> GGUF type quantized at load
 
 
 @dataclass(slots=True)
 class QuantizedTensor:
-    """A [rows, cols] matrix in a GGUF block format: `data` is uint8 [rows, bytes per row]."""
+    """A [rows, cols] matrix of a GGUF block format in the kernel's layout: `data` is uint8
+    [rows, row_bytes(qtype, cols)]. Build it with `from_gguf` from the file's bytes."""
 
     qtype: int
     data: torch.Tensor
     shape: tuple[int, int]
+
+    @classmethod
+    def from_gguf(cls, qtype: int, blocks: np.ndarray, shape: tuple[int, int]) -> QuantizedTensor:
+        """From GGUF's bytes [rows, file bytes per row] (repacked where the format needs it)."""
+        data = np.ascontiguousarray(blocks, dtype=np.uint8).reshape(shape[0], -1)
+        if qtype in _CHUNK_BYTES:
+            data = _to_chunks(qtype, data)
+        return cls(qtype, torch.from_numpy(data), (int(shape[0]), int(shape[1])))
+
+    def gguf_bytes(self) -> np.ndarray:
+        """The matrix as GGUF stores it, [rows, file bytes per row]."""
+        data = self.data.numpy()
+        return _from_chunks(self.qtype, data) if self.qtype in _CHUNK_BYTES else data
 
     @property
     def type_name(self) -> str:
@@ -44,7 +63,7 @@ class QuantizedTensor:
         """float32 [rows, cols], by the gguf library (the reference for the kernel)."""
         from gguf.quants import dequantize
 
-        array = dequantize(self.data.numpy(), self.qtype)
+        array = dequantize(self.gguf_bytes(), self.qtype)
         return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).reshape(self.shape)
 
     def permute_rows(self, order: torch.Tensor) -> QuantizedTensor:
@@ -60,8 +79,50 @@ def row_bytes(qtype: int, cols: int) -> int:
     """
     if qtype not in KERNEL_QTYPES or cols % 64:
         return 0
+    if qtype in _CHUNK_BYTES:
+        return cols // 64 * _CHUNK_BYTES[qtype]
     _, block, size = KERNEL_QTYPES[qtype]
     return 0 if cols % block else cols // block * size
+
+
+def _halves(blocks: np.ndarray, offset: int) -> np.ndarray:
+    """The f16 at `offset` of every block, as float16 [rows, blocks]."""
+    return np.ascontiguousarray(blocks[:, :, offset : offset + 2]).view(np.float16)[..., 0]
+
+
+def _to_chunks(qtype: int, data: np.ndarray) -> np.ndarray:
+    """GGUF's 32-weight blocks [rows, bytes] -> the kernel's 64-weight chunks."""
+    rows = data.shape[0]
+    size = KERNEL_QTYPES[qtype][2]
+    blocks = data.reshape(rows, -1, size)  # [rows, 2 * chunks, size]
+    d = _halves(blocks, 0).reshape(rows, -1, 2)
+    if qtype == 8:
+        codes = (blocks[:, :, 2:] ^ 0x80).reshape(rows, -1, 64)
+        scales = d.view(np.uint8).reshape(rows, -1, 4)
+        return np.concatenate([scales, codes], axis=2).reshape(rows, -1)
+    m = (d * np.float16(-8)) if qtype == 2 else _halves(blocks, 2).reshape(rows, -1, 2)
+    qs = blocks[:, :, 2 if qtype == 2 else 4 :]  # 16 bytes: weights j (low), 16 + j (high)
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=2).reshape(rows, -1, 2, 32)
+    packed = codes[:, :, 0] | (codes[:, :, 1] << 4)  # byte i: weight i low, 32 + i high
+    scales = np.concatenate([d, m], axis=2).astype(np.float16).view(np.uint8)
+    return np.concatenate([scales, packed], axis=2).reshape(rows, -1)
+
+
+def _from_chunks(qtype: int, data: np.ndarray) -> np.ndarray:
+    """The inverse of `_to_chunks` (Q4_0 drops the offsets it gained)."""
+    rows = data.shape[0]
+    chunks = data.reshape(rows, -1, _CHUNK_BYTES[qtype])
+    if qtype == 8:
+        d = chunks[:, :, :4].reshape(rows, -1, 2, 2)
+        codes = (chunks[:, :, 4:] ^ 0x80).reshape(rows, -1, 2, 32)
+        return np.concatenate([d, codes], axis=3).reshape(rows, -1)
+    d = chunks[:, :, 0:4].reshape(rows, -1, 2, 2)
+    m = chunks[:, :, 4:8].reshape(rows, -1, 2, 2)
+    packed = chunks[:, :, 8:]
+    codes = np.stack([packed & 0x0F, packed >> 4], axis=2)  # [rows, chunks, block, 32]
+    qs = codes[..., :16] | (codes[..., 16:] << 4)
+    parts = [d, qs] if qtype == 2 else [d, m, qs]
+    return np.concatenate(parts, axis=3).reshape(rows, -1)
 
 
 def kernel_can_take(qtype: int, shape: tuple[int, ...]) -> bool:
@@ -77,7 +138,7 @@ def quantize(weight: torch.Tensor, method: str) -> QuantizedTensor | None:
     from gguf.quants import quantize as gguf_quantize
 
     data = gguf_quantize(weight.detach().float().numpy(), qtype)
-    return QuantizedTensor(qtype, torch.from_numpy(data), (weight.shape[0], weight.shape[1]))
+    return QuantizedTensor.from_gguf(qtype, data, (weight.shape[0], weight.shape[1]))
 
 
 def check_method(method: str) -> str:

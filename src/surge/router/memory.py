@@ -18,7 +18,7 @@ from pathlib import Path
 from surge.config import EngineConfig
 from surge.encoders.bundled import DEFAULT_EMBEDDING_MODEL_NAME, is_complete_model_dir
 from surge.models.default_model import DEFAULT_MODEL_FILE, DEFAULT_MODEL_NAME, default_cache_dir
-from surge.models.quant import kernel_can_take
+from surge.models.quant import kernel_can_take, row_bytes
 from surge.router.spec import ModelKind, ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ def _gguf_weights(
     for t in reader.tensors:
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         if keep_quantized and kernel_can_take(int(t.tensor_type), shape):
-            weights += int(t.n_bytes)
+            weights += shape[0] * row_bytes(int(t.tensor_type), shape[1])
         else:
             weights += int(t.n_elements) * dtype_bytes
 
