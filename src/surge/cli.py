@@ -54,11 +54,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--quantization",
-        choices=("auto", "none", "int8", "int4"),
+        choices=("auto", "gguf", "none", "int8", "int4"),
         default=d.quantization,
-        help="auto: a GGUF's quantized weights stay quantized (bf16 models on the CPU kernels); "
-        "none: dequantize at load; int8 / int4: quantize an HF checkpoint's linears at load "
-        "(Q8_0 / Q4_1 blocks of 32)",
+        help="gguf: a GGUF's quantized weights stay quantized (bf16 models on the CPU kernels); "
+        "auto: so does a GGUF whose bf16 copy would take 2 GiB or more, a smaller one is "
+        "dequantized (faster under concurrent load); none: dequantize at load; int8 / int4: "
+        "quantize an HF checkpoint's linears at load (Q8_0 / Q4_1 blocks of 32)",
     )
     parser.add_argument("--threads", type=int, default=None)
 
@@ -508,8 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(ppl)
     ppl.add_argument(
         "--formats",
-        default="none,auto",
-        help="comma list of --quantization values, the first the reference (none,auto,int8,int4)",
+        default="none,gguf",
+        help="comma list of --quantization values, the first the reference (none,gguf,int8,int4)",
     )
     ppl.add_argument("--window", type=int, default=512, help="tokens per scored window")
     ppl.set_defaults(func=cmd_bench_perplexity)

@@ -25,8 +25,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     cpu_kernels: bool = True  # fused C++ kernels on CPU (built on first use); False = pure torch
-    # "auto" (a GGUF's quantized matrices stay quantized), "none" (dequantize to dtype),
-    # "int8" / "int4" (an HF checkpoint's linears quantized at load); see models/quant.py
+    # "auto" (a GGUF stays quantized if its bf16 copy would be big), "gguf" (it always does),
+    # "none" (dequantize to dtype), "int8" / "int4" (an HF checkpoint quantized at load);
+    # see models/quant.py
     quantization: str = "auto"
     num_threads: int | None = None  # torch intra-op threads; None = leave torch's default
     seed: int = 0
@@ -40,9 +41,9 @@ class EngineConfig:
             raise ValueError("max_num_batched_tokens must be positive")
         if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
             raise ValueError("num_kv_blocks must be positive")
-        if self.quantization not in ("auto", "none", "int8", "int4"):
+        if self.quantization not in ("auto", "gguf", "none", "int8", "int4"):
             raise ValueError(
-                f"quantization must be auto, none, int8 or int4: {self.quantization!r}"
+                f"quantization must be auto, gguf, none, int8 or int4: {self.quantization!r}"
             )
 
 

@@ -153,7 +153,12 @@ def test_bundled_q4_1_runs_quantized_answers_and_is_batch_invariant(default_mode
 
     The step budget fits every prompt whole, as in test_default_model's bf16 case.
     """
-    llm = LLM(str(default_model_path), dtype="bfloat16", max_num_batched_tokens=16384)
+    llm = LLM(
+        str(default_model_path),
+        dtype="bfloat16",
+        quantization="gguf",
+        max_num_batched_tokens=16384,
+    )
     runner = llm.engine.core.runner
     assert runner.quantization == "gguf"
     linears = [m for m in runner.model.modules() if isinstance(m, Linear)]
@@ -174,7 +179,7 @@ def test_perplexity_gate_q4_1_kernel_against_bf16_of_the_same_weights(default_mo
     weights dequantized to bf16, on the shipped English + Chinese text."""
     options = {"dtype": "bfloat16", "num_kv_blocks": 40}
     bf16 = perplexity(LLM(str(default_model_path), quantization="none", **options))
-    q4 = perplexity(LLM(str(default_model_path), **options))
+    q4 = perplexity(LLM(str(default_model_path), quantization="gguf", **options))
     assert bf16.weights == "unquantized" and q4.weights.startswith("Q4_1")
     assert bf16.tokens == q4.tokens > 1000
     assert abs(q4.perplexity / bf16.perplexity - 1) < 0.02, (bf16, q4)
@@ -219,3 +224,21 @@ def test_quantization_refusals(tiny_dir: Path, default_model_path: Path):
         LLM(str(tiny_dir), dtype="float32", quantization="int4", num_kv_blocks=8)
     with pytest.raises(ValueError, match="quantization must be"):
         LLM(str(tiny_dir), quantization="int3", num_kv_blocks=8)
+    with pytest.raises(ValueError, match="not a GGUF"):
+        LLM(str(tiny_dir), quantization="gguf", num_kv_blocks=8)
+
+
+def test_auto_keeps_a_big_gguf_quantized_and_dequantizes_a_small_one(
+    default_model_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from surge.models import loader
+
+    files = loader.load_model_files(str(default_model_path))
+    assert loader.resolve_quantization("auto", files, torch.bfloat16, True) == "none"  # 270 MB
+    assert loader.resolve_quantization("auto", files, torch.float32, True) == "none"
+    monkeypatch.setattr(loader, "KEEP_QUANTIZED_MIN_BYTES", 2**20)
+    assert loader.resolve_quantization("auto", files, torch.bfloat16, True) == "gguf"
+    assert loader.resolve_quantization("auto", files, torch.bfloat16, False) == "none"
+    assert loader.resolve_quantization("gguf", files, torch.bfloat16, True) == "gguf"
+    with pytest.raises(ValueError, match="needs bfloat16"):
+        loader.resolve_quantization("gguf", files, torch.float32, True)

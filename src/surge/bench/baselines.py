@@ -181,7 +181,7 @@ def llamacpp_baseline(s: LaunchSettings) -> Baseline:
 
 _FACTORIES = {
     "surge": surge_baseline,
-    "surge-quant": functools.partial(surge_baseline, quantization="auto"),
+    "surge-quant": functools.partial(surge_baseline, quantization="gguf"),
     "naive": naive_baseline,
     "vllm": vllm_baseline,
     "llamacpp": llamacpp_baseline,

@@ -14,7 +14,13 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from surge.models.default_model import DEFAULT_MODEL_NAME, pull_default_model
-from surge.models.quant import QuantizedTensor, check_method, kernel_can_take, quantize
+from surge.models.quant import (
+    KEEP_QUANTIZED_MIN_BYTES,
+    QuantizedTensor,
+    check_method,
+    kernel_can_take,
+    quantize,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +129,7 @@ def iter_weights(
 ) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
     """Yield (HF parameter name, tensor in `dtype`) one at a time, so peak memory stays ~one tensor.
 
-    quantization (see `resolve_quantization`): "none", every tensor in dtype; "gguf", a GGUF's
+    quantization (`resolve_quantization`'s answer): "none", every tensor in dtype; "gguf", a GGUF's
     matrices in a format the kernels read stay as stored (QuantizedTensor); "int8" / "int4", an
     HF checkpoint's linear weights quantized at load (the embedding and output matrix to Q8_0).
     """
@@ -148,10 +154,12 @@ def _is_matrix(name: str) -> bool:
 def resolve_quantization(
     method: str, files: ModelFiles, dtype: torch.dtype, has_kernels: bool
 ) -> str:
-    """What `iter_weights` should do for --quantization `method` ("auto", "none", "int8", "int4").
+    """What `iter_weights` should do for --quantization `method` (models/quant.py's methods).
 
-    auto keeps a GGUF's quantized matrices where the CPU kernels run them (bf16 models), else
-    dequantizes (logged); int8/int4 need the kernels and a bf16 model and refuse a GGUF.
+    gguf keeps a GGUF's quantized matrices (they need the CPU kernels and a bf16 model); auto
+    does so for a GGUF whose bf16 copy would take KEEP_QUANTIZED_MIN_BYTES or more, and
+    dequantizes a smaller one (faster under concurrent load); int8/int4 quantize an HF
+    checkpoint. Each choice is logged.
     """
     check_method(method)
     if method == "none":
@@ -159,14 +167,31 @@ def resolve_quantization(
     usable = has_kernels and dtype == torch.bfloat16
     why = "the CPU kernels are off" if not has_kernels else f"the model runs in {dtype}"
     if method == "auto":
-        if files.is_gguf and not usable:
+        if not files.is_gguf:
+            return "none"
+        if not usable:
             logger.warning("GGUF weights dequantized to %s at load: %s", dtype, why)
-        return "gguf" if files.is_gguf and usable else "none"
-    if files.is_gguf:
-        raise ValueError(f"--quantization {method}: a GGUF is quantized already (use auto or none)")
+            return "none"
+        bf16_bytes = gguf_bf16_bytes(files.path)
+        keep = bf16_bytes >= KEEP_QUANTIZED_MIN_BYTES
+        logger.info(
+            "GGUF weights %s: their bf16 copy would take %.0f MiB (--quantization gguf|none)",
+            "kept quantized" if keep else "dequantized to bf16 (faster under concurrent load)",
+            bf16_bytes / 2**20,
+        )
+        return "gguf" if keep else "none"
+    if method == "gguf" and not files.is_gguf:
+        raise ValueError("--quantization gguf: the model is not a GGUF file (int8 or int4 are)")
+    if method != "gguf" and files.is_gguf:
+        raise ValueError(f"--quantization {method}: a GGUF is quantized already (use gguf or none)")
     if not usable:
         raise ValueError(f"--quantization {method} needs bfloat16 and the CPU kernels: {why}")
     return method
+
+
+def gguf_bf16_bytes(path: Path) -> int:
+    """Bytes a GGUF file's tensors would take dequantized to bf16."""
+    return 2 * sum(int(t.n_elements) for t in open_gguf(path).tensors)
 
 
 # --- HF safetensors directories ---------------------------------------------------------------

@@ -28,7 +28,13 @@ KERNEL_QTYPES: dict[int, tuple[str, int, int]] = {
 # i, the 8-bit ones stored + 128. Same bytes as the file for Q4_1 and Q8_0; Q4_0 gains its
 # offsets (m = -8 d), 40 bytes per 64 weights instead of 36. K-quants are read as stored.
 _CHUNK_BYTES = {2: 40, 3: 40, 8: 68}
-QUANTIZATION_METHODS = ("auto", "none", "int8", "int4")
+QUANTIZATION_METHODS = ("auto", "gguf", "none", "int8", "int4")
+# --quantization auto keeps a GGUF quantized when its bf16 copy would take at least this much.
+# Below it the bf16 copy is cheap and serves more: bf16 runs on AMX/AVX-512 BF16 tiles while the
+# quantized kernel's int8 dot products are compute-bound from batch ~8 (BENCHMARKS.md: the
+# bundled 135M model, 92 MiB as Q4_1 or 270 MB as bf16, serves 3.7x more tokens/s at 32 users in
+# bf16); above it memory decides, and a 7B model's 14 GiB bf16 copy would not even fit.
+KEEP_QUANTIZED_MIN_BYTES = 2 * 1024**3
 _METHOD_QTYPE = {"int8": 8, "int4": 3}  # --quantization -> GGUF type quantized at load
 
 

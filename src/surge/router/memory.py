@@ -18,7 +18,7 @@ from pathlib import Path
 from surge.config import EngineConfig
 from surge.encoders.bundled import DEFAULT_EMBEDDING_MODEL_NAME, is_complete_model_dir
 from surge.models.default_model import DEFAULT_MODEL_FILE, DEFAULT_MODEL_NAME, default_cache_dir
-from surge.models.quant import kernel_can_take, row_bytes
+from surge.models.quant import KEEP_QUANTIZED_MIN_BYTES, kernel_can_take, row_bytes
 from surge.router.spec import ModelKind, ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -93,8 +93,7 @@ def estimate_cost(
         if path is None:  # the bundled alias, not fetched yet: its size is known
             weights, dims = _DEFAULT_MODEL_PARAMS * dtype_bytes, None
         elif path.is_file():
-            keep = config.quantization == "auto" and dtype_bytes == 2
-            weights, dims = _gguf_weights(path, dtype_bytes, keep)
+            weights, dims = _gguf_weights(path, dtype_bytes, config.quantization)
         else:
             weights, dims = _hf_weights(path, dtype_bytes), _hf_kv_dims(path)
             weights = int(weights * _QUANTIZED_FRACTION.get(config.quantization, 1.0))
@@ -120,13 +119,19 @@ def _local_path(path: str) -> Path | None:
 
 
 def _gguf_weights(
-    path: Path, dtype_bytes: int, keep_quantized: bool
+    path: Path, dtype_bytes: int, quantization: str
 ) -> tuple[int, tuple[int, int, int] | None]:
     """Weight bytes once loaded and (layers, kv heads, head dim) of a GGUF file: the matrices
-    the quantized kernel takes at their size in the file (keep_quantized), the rest dequantized."""
+    the quantized kernel takes at their kernel size where they stay quantized (as the loader's
+    resolve_quantization decides for bf16), the rest dequantized."""
     import gguf  # numpy only; imported here so spec parsing never pays for it
 
     reader = gguf.GGUFReader(str(path))
+    bf16_bytes = 2 * sum(int(t.n_elements) for t in reader.tensors)
+    keep_quantized = dtype_bytes == 2 and (
+        quantization == "gguf"
+        or (quantization == "auto" and bf16_bytes >= KEEP_QUANTIZED_MIN_BYTES)
+    )
     weights = 0
     for t in reader.tensors:
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
