@@ -339,11 +339,11 @@ class GatedMLP(nn.Module):
         self.act = F.silu if self.is_silu else ACT2FN[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
+        gate_up = self.gate_up_proj.forward(x)
         if self.kernels is not None and self.is_silu and gate_up.dim() == 2:
-            return self.down_proj(self.kernels.silu_and_mul(gate_up))
+            return self.down_proj.forward(self.kernels.silu_and_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
-        return self.down_proj(self.act(gate) * up)
+        return self.down_proj.forward(self.act(gate) * up)
 
 
 def copy_checked(dst: torch.Tensor, src: torch.Tensor) -> None:

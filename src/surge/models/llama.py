@@ -89,14 +89,14 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
-        qkv = self.qkv_proj(x)
+        qkv = self.qkv_proj.forward(x)
         if self.kernels is not None:
             if self.q_norm is not None:  # Qwen3: norm the heads before the kernel rotates them
                 q, k, _ = qkv.split(self.qkv_proj.split_sizes, dim=-1)
                 shape_q = (num_tokens, self.num_heads, self.head_dim)
                 shape_k = (num_tokens, self.num_kv_heads, self.head_dim)
-                q.copy_(self.q_norm(q.view(shape_q)).view_as(q))
-                k.copy_(self.k_norm(k.view(shape_k)).view_as(k))
+                q.copy_(self.q_norm.forward(q.view(shape_q)).view_as(q))
+                k.copy_(self.k_norm.forward(k.view(shape_k)).view_as(k))
             out = fused_paged_attention(
                 qkv,
                 cos,
@@ -109,17 +109,17 @@ class Attention(nn.Module):
                 self.interleaved,
                 self.kernels,
             )
-            return self.o_proj(out)
+            return self.o_proj.forward(out)
         q, k, v = qkv.split(self.qkv_proj.split_sizes, dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.q_norm.forward(q), self.k_norm.forward(k)
         q = apply_rotary(q, cos, sin, self.interleaved)
         k = apply_rotary(k, cos, sin, self.interleaved)
         out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)
-        return self.o_proj(out.view(num_tokens, -1))
+        return self.o_proj.forward(out.view(num_tokens, -1))
 
 
 class DecoderLayer(nn.Module):
@@ -154,16 +154,16 @@ class DecoderLayer(nn.Module):
         Deferring each add into the next norm lets one fused kernel do add + norm.
         """
         if residual is None:
-            residual, x = x, self.input_layernorm(x)
+            residual, x = x, self.input_layernorm.forward(x)
         else:
-            x, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(x, cos, sin, kv_cache, meta)
+            x, residual = self.input_layernorm.forward(x, residual)
+        h = self.self_attn.forward(x, cos, sin, kv_cache, meta)
         if self.post_self_attn_layernorm is not None:
-            h = self.post_self_attn_layernorm(h)
-        x, residual = self.post_attention_layernorm(h, residual)
-        h = self.mlp(x)
+            h = self.post_self_attn_layernorm.forward(h)
+        x, residual = self.post_attention_layernorm.forward(h, residual)
+        h = self.mlp.forward(x)
         if self.post_mlp_layernorm is not None:
-            h = self.post_mlp_layernorm(h)
+            h = self.post_mlp_layernorm.forward(h)
         return h, residual
 
 
@@ -186,14 +186,16 @@ class DecoderModel(nn.Module):
         kv_caches: list[KVCache],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        x = self.embed_tokens.forward(input_ids)
         # once per step, not per layer; the kernels rotate in float32
         rope_dtype = torch.float32 if self.layers[0].self_attn.kernels is not None else x.dtype
         cos, sin = self.rotary_emb.cos_sin(positions, rope_dtype)
         residual = None
+        # submodules' .forward directly, here and in the layers: nn.Module.__call__'s hook
+        # handling costs microseconds a call, ~270 calls a step, and surge registers no hooks
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x, residual = layer(x, residual, cos, sin, kv_cache, meta)
-        return self.norm(x, residual)[0]
+            x, residual = layer.forward(x, residual, cos, sin, kv_cache, meta)
+        return self.norm.forward(x, residual)[0]
 
 
 class LlamaForCausalLM(nn.Module):
@@ -245,7 +247,7 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         """Hidden states [T, hidden] of the flat batch; writes the new K/V into kv_caches."""
-        return self.model(input_ids, positions, kv_caches, meta)
+        return self.model.forward(input_ids, positions, kv_caches, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits [N, vocab] for the selected hidden states."""
