@@ -231,12 +231,12 @@ def test_quantization_refusals(tiny_dir: Path, default_model_path: Path):
 def test_auto_keeps_a_big_gguf_quantized_and_dequantizes_a_small_one(
     default_model_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    from surge.models import loader
+    from surge.models import loader, quant
 
     files = loader.load_model_files(str(default_model_path))
     assert loader.resolve_quantization("auto", files, torch.bfloat16, True) == "none"  # 270 MB
     assert loader.resolve_quantization("auto", files, torch.float32, True) == "none"
-    monkeypatch.setattr(loader, "KEEP_QUANTIZED_MIN_BYTES", 2**20)
+    monkeypatch.setattr(quant, "KEEP_QUANTIZED_MIN_BYTES", 2**20)
     assert loader.resolve_quantization("auto", files, torch.bfloat16, True) == "gguf"
     assert loader.resolve_quantization("auto", files, torch.bfloat16, False) == "none"
     assert loader.resolve_quantization("gguf", files, torch.bfloat16, True) == "gguf"

@@ -39,8 +39,10 @@ def _cpuinfo_field(text: str, key: str) -> str:
 
 def cpu_info() -> dict[str, object]:
     """The CPU's name, family/model numbers and the ISA flags of ISA_FLAGS it has."""
+    from surge.kernels import cpu_flags
+
     text = _read("/proc/cpuinfo")
-    have = set(_cpuinfo_field(text, "flags").split())
+    have = cpu_flags()
     return {
         "cpu": _cpuinfo_field(text, "model name") or platform.processor(),
         "cpu_family": _cpuinfo_field(text, "cpu family"),

@@ -66,6 +66,14 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _bf16_rows(x: torch.Tensor, kernel: str) -> torch.Tensor:
+    """x [..., K] as [rows, K] with unit stride along K (rows may be strided), bf16 only."""
+    if x.dtype != torch.bfloat16:
+        raise TypeError(f"the {kernel} kernel got {x.dtype} input")
+    rows = x.reshape(-1, x.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
 class CpuKernels:
     """Typed entry points of the compiled library; tensors must be contiguous CPU bf16/fp32.
 
@@ -242,12 +250,8 @@ class CpuKernels:
 
         out_dtype float32 keeps the float32 accumulators unrounded (for logits).
         """
-        if x.dtype != torch.bfloat16:
-            raise TypeError(f"the bf16 linear kernel got {x.dtype} input")
-        k = x.shape[-1]
-        rows = x.reshape(-1, k)
-        if rows.stride(-1) != 1:
-            rows = rows.contiguous()
+        rows = _bf16_rows(x, "bf16 linear")
+        k = rows.shape[1]
         out = torch.empty((rows.shape[0], out_features), dtype=out_dtype)
         # per layer (its K), never per batch: the two round differently
         amx = self.linear_isa == AMX_BF16 and k % AMX_DEPTH == 0
@@ -277,12 +281,8 @@ class CpuKernels:
 
         Each segment writes its own columns of one output; out_dtype as in `linear`.
         """
-        if x.dtype != torch.bfloat16:
-            raise TypeError(f"the quantized linear kernel got {x.dtype} input")
-        k = x.shape[-1]
-        rows = x.reshape(-1, k)
-        if rows.stride(-1) != 1:
-            rows = rows.contiguous()
+        rows = _bf16_rows(x, "quantized linear")
+        k = rows.shape[1]
         out = torch.empty((rows.shape[0], out_features), dtype=out_dtype)
         for col0, w in segments:
             bias_part = None if bias is None else bias[col0 : col0 + w.shape[0]]

@@ -486,6 +486,28 @@ inline int32_t load_pair(const bf16* p) {
 // registers around it (an "m" operand made it spill them on every iteration).
 inline void prefetch_l2(const char* p) { asm volatile("prefetcht1 (%0)" : : "r"(p)); }
 
+// 16 bias values (masked columns and a null bias read as 0), widened to float32.
+inline __m512 load_bias16(const bf16* bias, int64_t offset, __mmask16 cols) {
+  if (bias == nullptr) return _mm512_setzero_ps();
+  const __m256i raw = _mm256_maskz_loadu_epi16(cols, bias + offset);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// acc + bias, leaving acc untouched without one (-0 stays -0)
+inline __m512 add_bias(__m512 acc, __m512 b, const bf16* bias) {
+  return bias == nullptr ? acc : _mm512_add_ps(acc, b);
+}
+
+// A linear's 16 outputs, rounded once to bf16 (or kept float32), masked to the real columns.
+template <class Out>
+inline void store_out16(Out* out, __mmask16 cols, __m512 r) {
+  if constexpr (std::is_same_v<Out, float>) {
+    _mm512_mask_storeu_ps(out, cols, r);
+  } else {
+    _mm256_mask_storeu_epi16(out, cols, (__m256i)_mm512_cvtneps_pbh(r));
+  }
+}
+
 template <int MB, class Out>
 void linear_rows(Out* out, int64_t out_stride, const bf16* x, int64_t x_stride, const bf16* blk,
                  int64_t kpairs, const bf16* bias, const __mmask16* cols, const char* next,
@@ -507,19 +529,9 @@ void linear_rows(Out* out, int64_t out_stride, const bf16* x, int64_t x_stride, 
     }
   }
   for (int j = 0; j < kLinearTiles; ++j) {
-    const __m512 b = bias == nullptr ? _mm512_setzero_ps()
-                                     : _mm512_castsi512_ps(_mm512_slli_epi32(
-                                           _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(
-                                               cols[j], bias + 16 * j)),
-                                           16));
+    const __m512 b = load_bias16(bias, 16 * j, cols[j]);
     for (int m = 0; m < MB; ++m) {
-      const __m512 r = bias == nullptr ? acc[m][j] : _mm512_add_ps(acc[m][j], b);
-      if constexpr (std::is_same_v<Out, float>) {
-        _mm512_mask_storeu_ps(out + m * out_stride + 16 * j, cols[j], r);
-      } else {
-        _mm256_mask_storeu_epi16(out + m * out_stride + 16 * j, cols[j],
-                                 (__m256i)_mm512_cvtneps_pbh(r));
-      }
+      store_out16(out + m * out_stride + 16 * j, cols[j], add_bias(acc[m][j], b, bias));
     }
   }
 }
@@ -641,20 +653,10 @@ template <class Out>
 void amx_store(Out* out, int64_t out_stride, const float* c, int rows, const bf16* bias,
                const __mmask16* cols) {
   for (int j = 0; j < 2; ++j) {
-    const __m512 b = bias == nullptr ? _mm512_setzero_ps()
-                                     : _mm512_castsi512_ps(_mm512_slli_epi32(
-                                           _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(
-                                               cols[j], bias + 16 * j)),
-                                           16));
+    const __m512 b = load_bias16(bias, 16 * j, cols[j]);
     for (int m = 0; m < rows; ++m) {
       const __m512 acc = _mm512_loadu_ps(c + (j * kAmxRows + m) * 16);
-      const __m512 r = bias == nullptr ? acc : _mm512_add_ps(acc, b);
-      if constexpr (std::is_same_v<Out, float>) {
-        _mm512_mask_storeu_ps(out + m * out_stride + 16 * j, cols[j], r);
-      } else {
-        _mm256_mask_storeu_epi16(out + m * out_stride + 16 * j, cols[j],
-                                 (__m256i)_mm512_cvtneps_pbh(r));
-      }
+      store_out16(out + m * out_stride + 16 * j, cols[j], add_bias(acc, b, bias));
     }
   }
 }

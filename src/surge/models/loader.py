@@ -15,9 +15,9 @@ from transformers import AutoConfig, PretrainedConfig
 
 from surge.models.default_model import DEFAULT_MODEL_NAME, pull_default_model
 from surge.models.quant import (
-    KEEP_QUANTIZED_MIN_BYTES,
     QuantizedTensor,
     check_method,
+    gguf_stays_quantized,
     kernel_can_take,
     quantize,
 )
@@ -173,7 +173,7 @@ def resolve_quantization(
             logger.warning("GGUF weights dequantized to %s at load: %s", dtype, why)
             return "none"
         bf16_bytes = gguf_bf16_bytes(files.path)
-        keep = bf16_bytes >= KEEP_QUANTIZED_MIN_BYTES
+        keep = gguf_stays_quantized(method, bf16_bytes)
         logger.info(
             "GGUF weights %s: their bf16 copy would take %.0f MiB (--quantization gguf|none)",
             "kept quantized" if keep else "dequantized to bf16 (faster under concurrent load)",

@@ -35,6 +35,13 @@ QUANTIZATION_METHODS = ("auto", "gguf", "none", "int8", "int4")
 # bundled 135M model, 92 MiB as Q4_1 or 270 MB as bf16, serves 3.7x more tokens/s at 32 users in
 # bf16); above it memory decides, and a 7B model's 14 GiB bf16 copy would not even fit.
 KEEP_QUANTIZED_MIN_BYTES = 2 * 1024**3
+
+
+def gguf_stays_quantized(method: str, bf16_bytes: int) -> bool:
+    """Whether --quantization `method` keeps a (bf16-model) GGUF quantized, given its bf16 size."""
+    return method == "gguf" or (method == "auto" and bf16_bytes >= KEEP_QUANTIZED_MIN_BYTES)
+
+
 _METHOD_QTYPE = {"int8": 8, "int4": 3}  # --quantization -> GGUF type quantized at load
 
 

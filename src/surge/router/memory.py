@@ -18,7 +18,7 @@ from pathlib import Path
 from surge.config import EngineConfig
 from surge.encoders.bundled import DEFAULT_EMBEDDING_MODEL_NAME, is_complete_model_dir
 from surge.models.default_model import DEFAULT_MODEL_FILE, DEFAULT_MODEL_NAME, default_cache_dir
-from surge.models.quant import KEEP_QUANTIZED_MIN_BYTES, kernel_can_take, row_bytes
+from surge.models.quant import gguf_stays_quantized, kernel_can_take, row_bytes
 from surge.router.spec import ModelKind, ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -128,10 +128,7 @@ def _gguf_weights(
 
     reader = gguf.GGUFReader(str(path))
     bf16_bytes = 2 * sum(int(t.n_elements) for t in reader.tensors)
-    keep_quantized = dtype_bytes == 2 and (
-        quantization == "gguf"
-        or (quantization == "auto" and bf16_bytes >= KEEP_QUANTIZED_MIN_BYTES)
-    )
+    keep_quantized = dtype_bytes == 2 and gguf_stays_quantized(quantization, bf16_bytes)
     weights = 0
     for t in reader.tensors:
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
