@@ -31,6 +31,8 @@ class EngineConfig:
     quantization: str = "auto"
     num_threads: int | None = None  # torch intra-op threads; None = leave torch's default
     seed: int = 0
+    # the CPUs this engine's core runs on (a replica's share; set by the replica set, not a flag)
+    cpu_affinity: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -61,6 +63,31 @@ class EngineLimits:
     def kv_capacity_tokens(self) -> int:
         """Tokens the whole KV cache can hold."""
         return self.num_kv_blocks * self.block_size
+
+
+@dataclass(frozen=True)
+class ReplicaConfig:
+    """How many engine cores serve one chat model, where they run, how requests are routed to
+    them and carried over when one fails (see engine/routing.py for the routing rule)."""
+
+    replicas: int = 1
+    # CPU: each replica runs on its own share of this process's CPUs (threads = its share), and
+    # more replicas than CPUs is refused. False: every replica may use every CPU.
+    pin_cpus: bool = True
+    devices: tuple[str, ...] = ()  # CUDA: one replica per device; () = every visible device
+    affinity_blocks: int = 4  # prefix affinity keys on the prompt's first this many KV blocks
+    affinity_margin: int = 4  # the load guard: sequences a preferred replica may be ahead by...
+    affinity_ratio: float = 0.5  # ...or this share of the least-loaded one's, if larger
+    max_failovers: int = 3  # a sequence moved this many times ends with an error on the next
+    drain_grace: float = 30.0  # seconds a removed replica may finish its work before failover
+
+    def __post_init__(self) -> None:
+        if isinstance(self.replicas, bool) or not isinstance(self.replicas, int) or self.replicas < 1:
+            raise ValueError(f"replicas must be an integer >= 1, got {self.replicas!r}")
+        if self.affinity_blocks < 0 or self.affinity_margin < 0 or self.affinity_ratio < 0:
+            raise ValueError("affinity_blocks, affinity_margin and affinity_ratio must be >= 0")
+        if self.max_failovers < 0 or self.drain_grace < 0:
+            raise ValueError("max_failovers and drain_grace must be >= 0")
 
 
 @dataclass(frozen=True)

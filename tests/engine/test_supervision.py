@@ -16,6 +16,7 @@ from surge.engine.messages import (
     EngineCoreOutputs,
     EngineCoreRequest,
 )
+from surge.engine.replica import Replica
 from surge.engine.request import SamplingParams
 from surge.tokenizer import Tokenizer
 from tests.tiny_models import make_tokenizer
@@ -118,7 +119,7 @@ def test_stuck_core_is_killed_and_restarted() -> None:
         engine, cores = make_engine(["silent", "echo"], sup)
         await engine.start()
         error = await asyncio.wait_for(run(engine, "stuck"), 20)
-        assert error is not None and "stalled" in error and "1 requests pending" in error
+        assert error is not None and "stalled" in error and "1 sequences pending" in error
         assert cores[0].killed
         await wait_for(lambda: engine.is_ready)
         assert engine.num_restarts == 1 and "stalled" in (engine.last_failure or "")
@@ -175,5 +176,6 @@ def test_breaker_opens_after_too_many_crashes() -> None:
 def test_restart_delays_double_up_to_the_cap() -> None:
     sup = SupervisorConfig(restart_delay=0.5, max_restart_delay=3.0, max_restarts=6)
     engine, _ = make_engine(["echo"], sup)
-    delays = [engine._next_restart_delay() for _ in range(7)]
+    engine.replicas[0] = Replica(0, EngineConfig(), FakeCore, sup, engine)  # type: ignore[arg-type]
+    delays = [engine.replicas[0].next_restart_delay() for _ in range(7)]
     assert delays == [0.5, 1.0, 2.0, 3.0, 3.0, 3.0, None]

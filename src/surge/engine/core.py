@@ -32,9 +32,11 @@ class EngineCore:
         self.limits = self.runner.limits
         self.scheduler = Scheduler(config, self.limits)
         self._errors: list[EngineCoreOutput] = []
+        self.num_requests_received = 0  # the front end compares it with what it sent (routing)
 
     def add_request(self, msg: EngineCoreRequest) -> None:
         """Queue a request; one that can't be served ends at once with an error output."""
+        self.num_requests_received += 1
         try:
             check_request_fits(msg.prompt_token_ids, msg.sampling_params.max_tokens, self.limits)
             self.scheduler.add_request(
@@ -44,6 +46,7 @@ class EngineCore:
                     sampling_params=msg.sampling_params,
                     arrival_time=msg.arrival_time,
                     priority=msg.priority,
+                    output_token_ids=list(msg.output_token_ids),
                 )
             )
         except ValueError as e:  # InvalidRequestError included; also a duplicate request id
@@ -123,4 +126,6 @@ class EngineCore:
             prefix_cache_queries=s.prefix_cache_queries,
             prefix_cache_hits=s.prefix_cache_hits,
             first_scheduled_req_ids=first_scheduled or [],
+            num_requests_received=self.num_requests_received,
+            num_waiting_tokens=s.num_waiting_tokens,
         )

@@ -23,6 +23,7 @@ from surge.engine.messages import (
     EngineCoreRequest,
     EngineCoreShutdown,
 )
+from surge.engine.placement import apply_cpu_affinity
 from surge.models.loader import load_model_files
 from surge.process import die_with_parent, ignore_group_signals
 from surge.tokenizer import Tokenizer
@@ -117,6 +118,7 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> 
     if parent is not None and not parent.is_alive():
         return  # the parent died before prctl took effect
     ignore_group_signals()
+    apply_cpu_affinity(config)  # before torch starts its thread pool
     if not logging.getLogger().handlers:
         logging.basicConfig(
             level=logging.INFO, format=f"%(asctime)s {PROCESS_TITLE} %(levelname)s %(message)s"

@@ -15,6 +15,9 @@ class EngineCoreRequest(msgspec.Struct, frozen=True, array_like=True, tag=True):
     sampling_params: SamplingParams
     arrival_time: float
     priority: int = 0
+    # tokens it already generated elsewhere (a replica failed): the core resumes after them, as
+    # after a preemption, so max_tokens, penalties and a seeded sampler continue where they were
+    output_token_ids: list[int] = []
 
 
 class EngineCoreFinish(msgspec.Struct, frozen=True, array_like=True, tag=True):
@@ -47,6 +50,8 @@ class EngineCoreOutputs(msgspec.Struct, frozen=True, array_like=True, tag=True):
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache, cumulative
     prefix_cache_hits: int = 0  # of those, tokens found, cumulative
     first_scheduled_req_ids: list[str] = []  # sequences that left the queue this step
+    num_requests_received: int = 0  # requests added since the core started, cumulative
+    num_waiting_tokens: int = 0  # tokens still to compute of sequences not running yet
 
 
 class EngineCoreReady(msgspec.Struct, frozen=True, array_like=True, tag=True):

@@ -176,5 +176,9 @@ class ModelRunner:
             gen = self._generators.get(req.req_id)
             if gen is None:
                 gen = torch.Generator(device=self.device).manual_seed(params.seed)
+                # a sequence resumed from another replica: skip the draws its tokens took there
+                # (one per sampled token), so it goes on with the same random stream
+                for _ in range(req.num_output_tokens):
+                    torch.rand(1, generator=gen, device=gen.device)
                 self._generators[req.req_id] = gen
         return SamplingRow(params, req.prompt_token_ids, req.output_token_ids, gen)

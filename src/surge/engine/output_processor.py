@@ -103,6 +103,13 @@ class OutputProcessor:
             self._seqs.pop(cid, None)
         return live
 
+    def emitted_token_ids(self, core_id: str) -> list[int] | None:
+        """The tokens a running sequence has produced so far; None once it finished (or unknown)."""
+        seq = self._seqs.get(core_id)
+        if seq is None or seq.completion.finished:
+            return None
+        return list(seq.completion.token_ids)
+
     def process(self, outputs: EngineCoreOutputs) -> tuple[list[RequestOutput], list[str]]:
         """Apply one step; return the RequestOutputs that changed and core ids hit by a stop string."""
         touched: dict[str, _RequestState] = {}

@@ -143,6 +143,11 @@ class Scheduler:
         return len(self.waiting)
 
     @property
+    def num_waiting_tokens(self) -> int:
+        """Tokens still to compute of the waiting (and preempted) sequences: queued prefill."""
+        return sum(r.num_tokens - r.num_computed_tokens for r in self.waiting.values())
+
+    @property
     def kv_cache_usage(self) -> float:
         return self.kv.usage
 

@@ -39,7 +39,7 @@ BUNDLED_ALIASES: Mapping[str, ModelKind] = MappingProxyType(
 
 # EngineConfig fields a model may override; `model` is the spec's own path.
 ENGINE_OPTION_NAMES: frozenset[str] = frozenset(
-    f.name for f in dataclasses.fields(EngineConfig) if f.name != "model"
+    f.name for f in dataclasses.fields(EngineConfig) if f.name not in ("model", "cpu_affinity")
 )
 
 
