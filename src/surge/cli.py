@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from surge.config import EngineConfig, ServerConfig, SupervisorConfig
+from surge.config import EngineConfig, ReplicaConfig, ServerConfig, SupervisorConfig
 
 if TYPE_CHECKING:
     from surge.server.models import ServedModels
@@ -237,6 +237,49 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         default=d.unload_grace,
         help="seconds an unloading model's in-flight requests may take",
     )
+    r = ReplicaConfig()
+    replicas = parser.add_argument_group("replicas (several engine cores per chat model)")
+    replicas.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        help="engine cores per chat model (a config file's `replicas` wins); on CPU each gets "
+        "its own share of the CPUs, on CUDA its own device",
+    )
+    replicas.add_argument(
+        "--no-replica-pinning",
+        action="store_true",
+        help="let replicas share every CPU instead of one share each (allows more replicas "
+        "than CPUs)",
+    )
+    replicas.add_argument(
+        "--devices", default=None, help="CUDA devices for replicas, e.g. 0,1 (default: all)"
+    )
+    replicas.add_argument(
+        "--replica-drain-grace",
+        type=float,
+        default=r.drain_grace,
+        help="seconds a removed replica's requests may take before they move to another",
+    )
+    replicas.add_argument(
+        "--max-failovers",
+        type=int,
+        default=r.max_failovers,
+        help="times one request may move to another replica before it ends with an error",
+    )
+    replicas.add_argument(
+        "--affinity-blocks",
+        type=int,
+        default=r.affinity_blocks,
+        help="prompts sharing their first N KV blocks prefer one replica (0 = off)",
+    )
+    replicas.add_argument(
+        "--affinity-margin",
+        type=int,
+        default=r.affinity_margin,
+        help="sequences a preferred replica may hold beyond the least busy one's before "
+        "affinity gives way",
+    )
     s = SupervisorConfig()
     parser.add_argument(
         "--engine-stall-timeout",
@@ -290,6 +333,14 @@ def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
         embedding_truncate=not args.no_embedding_truncate,
         unload_grace=args.unload_grace,
         encoder_threads=args.encoder_threads,
+        replicas=ReplicaConfig(
+            pin_cpus=not args.no_replica_pinning,
+            devices=_csv(args.devices) if args.devices else (),
+            affinity_blocks=args.affinity_blocks,
+            affinity_margin=args.affinity_margin,
+            max_failovers=args.max_failovers,
+            drain_grace=args.replica_drain_grace,
+        ),
         supervisor=SupervisorConfig(
             stall_timeout=args.engine_stall_timeout,
             max_restarts=args.engine_max_restarts,
@@ -307,7 +358,7 @@ def served_models_from_args(args: argparse.Namespace) -> ServedModels:
     embedding models. Command-line models load at start-up and are pinned."""
     from surge.encoders import DEFAULT_EMBEDDING_MODEL_NAME
     from surge.models.default_model import DEFAULT_MODEL_NAME
-    from surge.router import collect_specs, load_config_file, parse_keep_alive
+    from surge.router import ModelKind, collect_specs, load_config_file, parse_keep_alive
     from surge.server.models import ServedModels
 
     config = load_config_file(args.config) if args.config else None
@@ -328,6 +379,8 @@ def served_models_from_args(args: argparse.Namespace) -> ServedModels:
     default_keep = parse_keep_alive(args.keep_alive) if args.keep_alive is not None else None
     out = []
     for spec in specs:
+        if args.replicas is not None and spec.kind is ModelKind.CHAT and spec.replicas == 1:
+            spec = dataclasses.replace(spec, replicas=args.replicas)
         if spec.name in pinned:
             spec = dataclasses.replace(spec, pinned=True, keep_alive=None)
         elif default_keep is not None and config is None:
@@ -342,14 +395,21 @@ def served_models_from_args(args: argparse.Namespace) -> ServedModels:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """The OpenAI-compatible HTTP service."""
+    from surge.engine.placement import check_replicas
+    from surge.router import ModelKind
     from surge.server.app import run_server
 
     try:
         models = served_models_from_args(args)
+        engine_config, server_config = engine_config_from_args(args), server_config_from_args(args)
+        for spec in models.specs:  # refuse replicas that can't be placed before loading anything
+            if spec.kind is ModelKind.CHAT and spec.name in models.startup:
+                replicas = dataclasses.replace(server_config.replicas, replicas=spec.replicas)
+                check_replicas(spec.engine_config(engine_config), replicas, spec.replicas)
     except ValueError as e:
         logger.error("%s", e)
         return 2
-    return run_server(engine_config_from_args(args), server_config_from_args(args), models)
+    return run_server(engine_config, server_config, models)
 
 
 def cmd_pull(args: argparse.Namespace) -> int:

@@ -82,7 +82,11 @@ class ReplicaConfig:
     drain_grace: float = 30.0  # seconds a removed replica may finish its work before failover
 
     def __post_init__(self) -> None:
-        if isinstance(self.replicas, bool) or not isinstance(self.replicas, int) or self.replicas < 1:
+        if (
+            isinstance(self.replicas, bool)
+            or not isinstance(self.replicas, int)
+            or self.replicas < 1
+        ):
             raise ValueError(f"replicas must be an integer >= 1, got {self.replicas!r}")
         if self.affinity_blocks < 0 or self.affinity_margin < 0 or self.affinity_ratio < 0:
             raise ValueError("affinity_blocks, affinity_margin and affinity_ratio must be >= 0")
@@ -148,6 +152,8 @@ class ServerConfig:
     embedding_truncate: bool = True  # inputs past an encoder's window: truncate (else 400)
     unload_grace: float = 30.0  # seconds an unloading model's in-flight requests may take
     encoder_threads: int | None = None  # torch threads per embedding/rerank worker; None = 1
+    # chat models' replicas: placement, routing and failover (a model's own count is its spec's)
+    replicas: ReplicaConfig = field(default_factory=ReplicaConfig)
 
     def __post_init__(self) -> None:
         if self.stream_read_timeout <= 0 or self.max_unread_chars <= 0:

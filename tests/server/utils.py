@@ -95,13 +95,14 @@ class RemoteSurgeServer:
         )
 
     def metrics(self) -> dict[str, float]:
-        """Samples of /metrics by name and labels, the `model` label summed over."""
+        """Samples of /metrics by name and labels, the `model` and `replica` labels summed over."""
         text = httpx.get(self.url("/metrics"), timeout=10).text
         values: dict[str, float] = {}
         for line in text.splitlines():
             if line and not line.startswith("#"):
                 name, _, value = line.rpartition(" ")
-                name = re.sub(r'model="[^"]*",?', "", name).replace(",}", "}").replace("{}", "")
+                name = re.sub(r'(model|replica)="[^"]*",?', "", name)
+                name = name.replace(",}", "}").replace("{}", "")
                 values[name] = values.get(name, 0.0) + float(value)
         return values
 

@@ -102,6 +102,7 @@ class Ticket:
     model: str = ""
     engine: AsyncEngine | None = None  # the engine running it (the reaper and drain abort there)
     lease: Lease | None = None  # the hold on its model, given back with the ticket
+    session: str | None = None  # the client's session (replica affinity), if it named one
 
     def timeout(self) -> RequestTimeout:
         """The error of a deadline that passed (aborted_for names which)."""

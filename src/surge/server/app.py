@@ -24,7 +24,9 @@ from surge.config import EngineConfig, ServerConfig
 from surge.engine.async_engine import EngineDeadError, EngineOverloadedError
 from surge.engine.request import InvalidRequestError
 from surge.router import ModelRegistry, estimate_cost
+from surge.server.admin_api import router as admin_router
 from surge.server.admission import Admission
+from surge.server.app_health import engine_health
 from surge.server.auth import KeyStore
 from surge.server.encoders_api import router as encoders_router
 from surge.server.metrics import Metrics
@@ -54,7 +56,12 @@ def create_app(
     metrics = Metrics(lambda: holder["state"].engines(), lambda: holder["state"].encoders())
     admission = Admission(server_config, metrics)
     starter = make_starter(
-        StarterConfig(engine_config, server_config.supervisor, server_config.encoder_threads)
+        StarterConfig(
+            engine_config,
+            server_config.supervisor,
+            server_config.encoder_threads,
+            server_config.replicas,
+        )
     )
     registry = ModelRegistry(
         models.specs,
@@ -78,6 +85,7 @@ def create_app(
     app.state.surge = state
     app.include_router(router)
     app.include_router(encoders_router)
+    app.include_router(admin_router)
     app.add_api_route("/health", health, methods=["GET"], operation_id="health")
     app.add_api_route("/ready", ready, methods=["GET"], operation_id="ready")
     app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], operation_id="metrics")
@@ -157,10 +165,7 @@ async def health(state: StateDep) -> JSONResponse:
     a start-up model's engine crashed too often to be restarted (restart the process)."""
     body: dict[str, object] = {"status": "ok"}
     engines = state.engines()
-    body["engines"] = {
-        name: {"restarts": e.num_restarts, "last_failure": e.last_failure}
-        for name, e in engines.items()
-    }
+    body["engines"] = {name: engine_health(e) for name, e in engines.items()}
     failed = [n for n in state.startup_models if n in engines and engines[n].breaker_open]
     if failed:
         body["status"] = "failed"

@@ -1,5 +1,5 @@
 """/v1/embeddings (OpenAI's shape) and /v1/rerank (vLLM's, Jina's and Cohere's), on the encoder
-workers; and the admin routes that load and unload models at run time."""
+workers."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from collections.abc import Awaitable
 from typing import TypeVar
 
 import numpy as np
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 
 from surge.encoders import EncoderDeadError, EncoderRequestError
-from surge.router import Lease, ModelKind, ModelLoadError, ModelNotFound
+from surge.router import Lease, ModelKind
 from surge.server.protocol import APIError, EmbeddingRequest, RerankRequest, usage
 from surge.server.state import KeyDep, ServerState, StateDep, request_keep_alive
 
@@ -113,51 +113,3 @@ def _encode(row: np.ndarray, encoding_format: str) -> list[float] | str:
     if encoding_format == "base64":  # OpenAI's: little-endian float32 bytes
         return base64.b64encode(row.astype("<f4").tobytes()).decode()
     return row.tolist()
-
-
-# ---- admin: load / unload at run time -------------------------------------------------------
-
-
-def _admin(request: Request, state: ServerState) -> None:
-    if state.config.admin_key_hash is None:
-        raise APIError(
-            403,
-            "the admin API is off; start the server with --admin-api-key",
-            type="permission_error",
-            code="admin_disabled",
-        )
-    if not state.is_admin(request.headers.get("authorization")):
-        raise APIError(
-            401,
-            "this route needs the admin key",
-            type="authentication_error",
-            code="invalid_admin_key",
-        )
-
-
-@router.post("/v1/models/{name}/load", operation_id="load_model")
-async def load_model(name: str, request: Request, state: StateDep) -> JSON:
-    """Load a registered model now (admin key); ends ready, or with the failure's reason."""
-    _admin(request, state)
-    try:
-        await state.registry.load(name)
-    except ModelNotFound as e:
-        raise APIError(404, str(e), param="name", code="model_not_found") from None
-    except ModelLoadError as e:
-        raise APIError(503, str(e), type="service_unavailable", code="model_unavailable") from None
-    state.metrics.model_loads.labels(model=name).inc()
-    status = state.registry.status(name)
-    events = [e.message for e in state.registry.events(name)]
-    return {"id": name, "state": status.state.value, "events": events}
-
-
-@router.post("/v1/models/{name}/unload", operation_id="unload_model")
-async def unload_model(name: str, request: Request, state: StateDep) -> JSON:
-    """Unload a model (admin key): in-flight requests get --unload-grace seconds, then end with
-    an error."""
-    _admin(request, state)
-    try:
-        aborted = await state.registry.unload(name, state.config.unload_grace)
-    except ModelNotFound as e:
-        raise APIError(404, str(e), param="name", code="model_not_found") from None
-    return {"id": name, "state": state.registry.status(name).state.value, "aborted": aborted}

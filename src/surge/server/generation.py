@@ -45,6 +45,7 @@ class GenerationCall:
     stream: bool
     priority: int | None
     arrival: float
+    session: str | None = None  # routes this client's requests to one replica (affinity)
 
 
 async def generate(call: GenerationCall) -> Response:
@@ -88,7 +89,7 @@ async def _admit(call: GenerationCall, lease: Lease) -> tuple[Ticket, Renderer, 
         prompt_ids, renderer = await call.prepare(engine)
         # a request the engine could never finish is a 400 now, not a failure after it queued
         check_request_fits(prompt_ids, call.params.max_tokens, engine.limits)
-        max_num_seqs = engine.config.max_num_seqs
+        max_num_seqs = engine.max_num_seqs
         most = max_num_seqs + state.config.max_queue
         if call.params.n > most:
             raise APIError(
@@ -110,7 +111,7 @@ async def _admit(call: GenerationCall, lease: Lease) -> tuple[Ticket, Renderer, 
     except BaseException:
         lease.release()
         raise
-    ticket.engine, ticket.lease = engine, lease
+    ticket.engine, ticket.lease, ticket.session = engine, lease, call.session
     return ticket, renderer, prompt_ids
 
 

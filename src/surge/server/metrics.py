@@ -74,54 +74,82 @@ _E2E_BUCKETS = (
 
 
 class _EngineStatsCollector(Collector):
-    """Reads each loaded chat model's engine at scrape time, so the gauges are never stale."""
+    """Reads each loaded chat model's replicas at scrape time, so the gauges are never stale."""
 
     def __init__(self, get_engines: Callable[[], dict[str, AsyncEngine]]) -> None:
         self._get_engines = get_engines
 
     def collect(self) -> Iterator[Metric]:
-        engines = self._get_engines()
+        per_replica = ["model", "replica"]
         families = {
             "restarts": CounterMetricFamily(
                 "surge:engine_restarts",
                 "Engine core restarts after a crash or stall.",
-                labels=["model"],
+                labels=per_replica,
             ),
             "running": GaugeMetricFamily(
-                "surge:num_requests_running", "Sequences running in the engine.", labels=["model"]
+                "surge:num_requests_running", "Sequences running in the engine.", labels=per_replica
             ),
             "waiting": GaugeMetricFamily(
-                "surge:num_requests_waiting", "Sequences waiting in the engine.", labels=["model"]
+                "surge:num_requests_waiting", "Sequences waiting in the engine.", labels=per_replica
             ),
             "usage": GaugeMetricFamily(
-                "surge:kv_cache_usage_perc", "KV cache usage, 0..1.", labels=["model"]
+                "surge:kv_cache_usage_perc", "KV cache usage, 0..1.", labels=per_replica
             ),
             "preemptions": CounterMetricFamily(
-                "surge:num_preemptions", "Preemptions since start.", labels=["model"]
+                "surge:num_preemptions", "Preemptions since start.", labels=per_replica
             ),
             "queries": CounterMetricFamily(
                 "surge:prefix_cache_queries",
                 "Prompt tokens looked up in the prefix cache.",
-                labels=["model"],
+                labels=per_replica,
             ),
             "hits": CounterMetricFamily(
-                "surge:prefix_cache_hits", "Of those, tokens found cached.", labels=["model"]
+                "surge:prefix_cache_hits", "Of those, tokens found cached.", labels=per_replica
+            ),
+            "ready": GaugeMetricFamily(
+                "surge:replica_ready",
+                "1 while the replica takes requests (alive, loaded, not draining).",
+                labels=per_replica,
+            ),
+            "breaker": GaugeMetricFamily(
+                "surge:replica_breaker_open",
+                "1 once the replica crashed too often and is not restarted.",
+                labels=per_replica,
             ),
         }
-        for name, engine in engines.items():
-            s = engine.stats
-            values = {
-                "restarts": engine.num_restarts,
-                "running": s.num_running,
-                "waiting": s.num_waiting,
-                "usage": s.kv_cache_usage,
-                "preemptions": s.num_preemptions_total,
-                "queries": s.prefix_cache_queries,
-                "hits": s.prefix_cache_hits,
-            }
-            for key, family in families.items():
-                family.add_metric([name], values[key])
+        failovers = CounterMetricFamily(
+            "surge:request_failovers",
+            "Sequences moved to another replica after theirs failed or was removed.",
+            labels=["model"],
+        )
+        routed = CounterMetricFamily(
+            "surge:router_decisions",
+            "Requests routed, by replica and rule (affinity, least_loaded, guard).",
+            labels=["model", "replica", "reason"],
+        )
+        for name, engine in sorted(self._get_engines().items()):
+            for index, replica in sorted(engine.replicas.items()):
+                s = replica.stats
+                values = {
+                    "restarts": replica.num_restarts,
+                    "running": s.num_running,
+                    "waiting": s.num_waiting,
+                    "usage": s.kv_cache_usage,
+                    "preemptions": s.num_preemptions_total,
+                    "queries": s.prefix_cache_queries,
+                    "hits": s.prefix_cache_hits,
+                    "ready": int(replica.is_routable),
+                    "breaker": int(replica.breaker_open),
+                }
+                for key, family in families.items():
+                    family.add_metric([name, str(index)], values[key])
+            failovers.add_metric([name], engine.num_failovers)
+            for (index, why), count in sorted(engine.route_counts.items()):
+                routed.add_metric([name, str(index), why], count)
         yield from families.values()
+        yield failovers
+        yield routed
 
 
 class _EncoderStatsCollector(Collector):

@@ -22,8 +22,8 @@ KEY_SCOPE = "surge.key"  # where KeyCheck leaves the caller's KeyInfo in the ASG
 
 
 def is_admin_path(path: str) -> bool:
-    """/v1/models/{name}/load and /unload: the admin key's, not a user key's."""
-    return path.startswith("/v1/models/") and path.endswith(("/load", "/unload"))
+    """/v1/models/{name}/load, /unload and /replicas: the admin key's, not a user key's."""
+    return path.startswith("/v1/models/") and path.endswith(("/load", "/unload", "/replicas"))
 
 
 def error_response(error: APIError) -> JSONResponse:

@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from surge.config import EngineConfig, SupervisorConfig
+from surge.config import EngineConfig, ReplicaConfig, SupervisorConfig
 from surge.encoders import (
     DEFAULT_EMBEDDING_MODEL_NAME,
     EncoderClient,
@@ -60,6 +60,7 @@ class StarterConfig:
     engine: EngineConfig
     supervisor: SupervisorConfig
     encoder_threads: int | None = None  # None = one thread (see ENCODER_NICE)
+    replicas: ReplicaConfig = dataclasses.field(default_factory=ReplicaConfig)
 
 
 # Encoder workers run niced, on one thread unless told otherwise: beside a chat engine that
@@ -84,12 +85,16 @@ def make_starter(config: StarterConfig) -> Starter:
             if engine_config.model == DEFAULT_MODEL_NAME:
                 engine_config = dataclasses.replace(engine_config, model=None)
             engine = await AsyncEngine.create(
-                engine_config, multiprocess=True, supervisor=config.supervisor
+                engine_config,
+                multiprocess=True,
+                supervisor=config.supervisor,
+                replicas=dataclasses.replace(config.replicas, replicas=spec.replicas),
             )
             engine.model_name = spec.name
             logger.info(
-                "chat model %s ready: max_model_len %d, KV cache %d tokens",
+                "chat model %s ready: %d replicas, max_model_len %d, KV cache %d tokens each",
                 spec.name,
+                len(engine.replicas),
                 engine.limits.max_model_len,
                 engine.limits.kv_capacity_tokens,
             )

@@ -100,6 +100,11 @@ async def create_completion(
     return await _generate(body, request, state, key, model, params, prepare, arrival)
 
 
+# A client names its session (conversation) here, or in the request's `user` field: its requests
+# then prefer one replica, whose prefix cache holds the conversation so far.
+SESSION_HEADER = "x-session-id"
+
+
 async def _generate(
     body: ChatCompletionRequest | CompletionRequest,
     request: Request,
@@ -112,7 +117,17 @@ async def _generate(
 ) -> Response:
     keep_alive = request_keep_alive(body.keep_alive)
     call = GenerationCall(
-        request, state, key, model, keep_alive, prepare, params, body.stream, body.priority, arrival
+        request,
+        state,
+        key,
+        model,
+        keep_alive,
+        prepare,
+        params,
+        body.stream,
+        body.priority,
+        arrival,
+        session=request.headers.get(SESSION_HEADER) or body.user,
     )
     return await generate(call)
 

@@ -47,7 +47,9 @@ async def engine_outputs(
     Raises RequestTimeout past a deadline. However this generator ends (finished, deadline,
     the consumer cancelled because the client left), the request is gone from the engine.
     """
-    agen = engine.generate(ticket.req_id, prompt_token_ids, params, ticket.priority)
+    agen = engine.generate(
+        ticket.req_id, prompt_token_ids, params, ticket.priority, session=ticket.session
+    )
     pending: asyncio.Future[RequestOutput] | None = None
     finished = False
     try:
