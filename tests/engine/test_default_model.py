@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from surge import LLM, SamplingParams
+from surge import LLM, EngineConfig, SamplingParams
+from surge.engine.engine import LLMEngine
+from surge.engine.messages import EngineCoreRequest
 from surge.kernels import load_cpu_kernels
 from tests.engine.test_invariants import mixed_workload, run_alone, run_batch
 
@@ -61,6 +63,10 @@ def test_smollm2_bfloat16_batch_matches_alone_on_the_cpu_kernels(default_model_p
     assert run_batch(llm, prompts, params) == expected
     cached = LLM(str(default_model_path), **whole)  # prefix caching on
     assert run_batch(cached, prompts, params) == expected
+    # preempted sequences recompute their generated tokens' rows with the decode kernel
+    tight = LLM(str(default_model_path), num_kv_blocks=40, **whole)
+    assert run_batch(tight, prompts, params) == expected
+    assert tight.engine.core.scheduler.num_preemptions_total > 0
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -80,3 +86,51 @@ def test_default_model_is_used_when_none_given() -> None:
         [{"role": "user", "content": "Say hello."}], SamplingParams(temperature=0.0, max_tokens=8)
     )[0]
     assert out.outputs[0].text.strip()
+
+
+def test_smollm2_bfloat16_resumed_sequences_continue_exactly(default_model_path: Path) -> None:
+    """Sequences resumed with the tokens they already produced (failover to another replica, or
+    recompute after preemption) go on with the same tokens in bf16 too: the rows of those
+    tokens are attended to by the decode kernel, as they were when they were decoded."""
+    kernels = load_cpu_kernels()
+    if kernels is None or not kernels.has_linear:
+        pytest.skip("no AVX-512 BF16: bf16 linears run on oneDNN, which is not batch-invariant")
+    engine = LLMEngine(
+        EngineConfig(
+            model=str(default_model_path),
+            dtype="bfloat16",
+            quantization="none",
+            max_num_batched_tokens=16384,
+            enable_prefix_caching=False,
+        )
+    )
+    topics = ["a lighthouse keeper", "the history of Paris", "how engines work", "a cat"]
+    prompts = [
+        engine.tokenizer.apply_chat_template([{"role": "user", "content": f"Tell me about {t}."}])
+        for t in topics
+    ]
+    params = SamplingParams(temperature=0.0, max_tokens=96, ignore_eos=True)
+    whole = run_core_batch(
+        engine, [EngineCoreRequest(f"w{i}", p, params, 0.0) for i, p in enumerate(prompts)]
+    )
+    resumed = [
+        EngineCoreRequest(f"r{i}-{k}", p, params, 0.0, output_token_ids=whole[f"w{i}"][:k])
+        for i, p in enumerate(prompts)
+        for k in (1, 30, 60, 95)
+    ]
+    got = run_core_batch(engine, resumed)
+    for r in resumed:
+        i, k = (int(x) for x in r.req_id[1:].split("-"))
+        assert got[r.req_id] == whole[f"w{i}"][k:], f"prompt {i} resumed after {k} tokens"
+
+
+def run_core_batch(engine: LLMEngine, requests: list[EngineCoreRequest]) -> dict[str, list[int]]:
+    """Every token the core emits for each request, all run together to the end."""
+    tokens: dict[str, list[int]] = {r.req_id: [] for r in requests}
+    for r in requests:
+        engine.core.add_request(r)
+    while engine.core.has_unfinished_requests():
+        for out in engine.core.step().outputs:
+            assert out.error is None
+            tokens[out.req_id].extend(out.new_token_ids)
+    return tokens

@@ -132,6 +132,7 @@ class ModelRunner:
         input_ids: list[int] = []
         positions: list[int] = []
         query_lens, context_lens, block_tables, sample_index = [], [], [], []
+        replay_from: list[int] = []
         rows: list[SamplingRow] = []
         sample_req_ids: list[str] = []
         offset = 0
@@ -142,6 +143,7 @@ class ModelRunner:
             query_lens.append(n)
             context_lens.append(start + n)
             block_tables.append(seq.block_ids)
+            replay_from.append(req.num_prompt_tokens)
             offset += n
             if seq.sample:
                 sample_index.append(offset - 1)
@@ -154,6 +156,8 @@ class ModelRunner:
             self.config.block_size,
             self.device,
             decode_gather=not self.uses_cpu_kernels,
+            # only the fused path has the decode kernel that makes replayed rows exact
+            replay_from=replay_from if self.uses_cpu_kernels else None,
         )
         ids = torch.tensor(input_ids, dtype=torch.int64, device=self.device)
         pos = torch.tensor(positions, dtype=torch.int64, device=self.device)

@@ -41,6 +41,12 @@ class AttentionMetadata:
     prefill_context_lens: list[int]  # tokens in context after this step (cached + new)
     prefill_slots: list[torch.Tensor]  # [context_len] int64 slots of each sequence's context
     prefill_masks: list[torch.Tensor | None]  # [query_len, context_len] bool, None = plain causal
+    # prefill rows of tokens the sequence generated before (recomputed after a preemption, or
+    # resumed on another replica): the fused path attends them with the decode kernel, as when
+    # they were decoded, so the recomputed cache and the tokens after it are the same bits
+    replay_rows: torch.Tensor | None = None  # [R] int64 flat token indices
+    replay_block_tables: torch.Tensor | None = None  # [R, max_blocks] int32 (padding -> 0)
+    replay_context_lens: torch.Tensor | None = None  # [R] int32: each row's position + 1
 
 
 def build_attention_metadata(
@@ -50,10 +56,13 @@ def build_attention_metadata(
     block_size: int,
     device: torch.device | str = "cpu",
     decode_gather: bool = True,
+    replay_from: list[int] | None = None,
 ) -> AttentionMetadata:
     """Build the step's metadata; decodes (query_len == 1) should come first.
 
     decode_gather=False skips the padded slot gather that only the torch decode path reads.
+    replay_from[i]: the position from which sequence i's tokens were generated (its prompt
+    length); prefill rows at or past it are listed as replay rows (see AttentionMetadata).
 
     context_lens[i] counts the sequence's tokens after this step (already cached + new), so the
     new tokens sit at positions [context_len - query_len, context_len). Ordering decodes first is
@@ -87,13 +96,19 @@ def build_attention_metadata(
             :, None, None, :
         ]
     starts, p_q, p_ctx, p_slots, p_masks = [], [], [], [], []
+    replay: list[tuple[int, int, list[int]]] = []  # (flat row, context len, block table)
     offset = num_decodes
-    for q, ctx, table in zip(
-        query_lens[num_decodes:],
-        context_lens[num_decodes:],
-        block_tables[num_decodes:],
-        strict=True,
+    for i, (q, ctx, table) in enumerate(
+        zip(
+            query_lens[num_decodes:],
+            context_lens[num_decodes:],
+            block_tables[num_decodes:],
+            strict=True,
+        )
     ):
+        if replay_from is not None:
+            first = max(replay_from[num_decodes + i], ctx - q)
+            replay.extend((offset + pos - (ctx - q), pos + 1, table) for pos in range(first, ctx))
         starts.append(offset)
         offset += q
         p_q.append(q)
@@ -105,6 +120,14 @@ def build_attention_metadata(
             None if q == ctx else torch.ones(q, ctx, dtype=torch.bool, device=device).tril(ctx - q)
         )
         p_masks.append(mask)
+    replay_rows = replay_tables = replay_lens = None
+    if replay:
+        width = max(len(t) for _, _, t in replay)
+        replay_rows = torch.tensor([r for r, _, _ in replay], dtype=torch.int64, device=device)
+        replay_tables = torch.tensor(
+            [t + [0] * (width - len(t)) for _, _, t in replay], dtype=torch.int32, device=device
+        )
+        replay_lens = torch.tensor([n for _, n, _ in replay], dtype=torch.int32, device=device)
     return AttentionMetadata(
         slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=device),
         block_size=block_size,
@@ -118,6 +141,9 @@ def build_attention_metadata(
         prefill_context_lens=p_ctx,
         prefill_slots=p_slots,
         prefill_masks=p_masks,
+        replay_rows=replay_rows,
+        replay_block_tables=replay_tables,
+        replay_context_lens=replay_lens,
     )
 
 
@@ -243,6 +269,20 @@ def fused_paged_attention(
         scale,
         out,
     )
+    if meta.replay_rows is not None:  # after the SDPA of their sequence: these rows win
+        rows = meta.replay_rows
+        replayed = torch.empty((rows.numel(), num_heads, head_dim), dtype=out.dtype)
+        kernels.decode_attention(
+            replayed,
+            q[rows],
+            k_cache,
+            v_cache,
+            meta.replay_block_tables,
+            meta.replay_context_lens,
+            meta.block_size,
+            scale,
+        )
+        out[rows] = replayed
     return out.view(num_tokens, -1)
 
 
