@@ -563,3 +563,20 @@ def test_close_unloads_everything() -> None:
 def test_duplicate_names_are_rejected() -> None:
     with pytest.raises(ValueError, match="registered twice"):
         ModelRegistry([spec("a"), spec("a")], FakeStarter())
+
+
+def test_scaling_replicas_scales_the_cost_under_the_budget() -> None:
+    async def main() -> None:
+        costs = {"a": 2 * GiB, "b": 1 * GiB}  # a: 2 replicas of 1 GiB each
+        registry, _, _ = make_registry([spec("a", replicas=2), spec("b")], costs, budget=5 * GiB)
+        await registry.load("a")
+        await registry.load("b")
+        registry.resize("a", 2, 4)  # 4 GiB + b's 1 GiB: fits exactly
+        assert registry.status("a").cost == ModelCost(4 * GiB, 0)
+        with pytest.raises(InsufficientMemoryError, match="needs 5.0 GiB, memory budget 5.0 GiB"):
+            registry.resize("a", 4, 5)
+        assert registry.status("a").cost == ModelCost(4 * GiB, 0)  # unchanged by the refusal
+        registry.resize("a", 4, 1)  # shrinking is always allowed
+        assert registry.status("a").cost == ModelCost(1 * GiB, 0)
+
+    asyncio.run(main())

@@ -26,7 +26,7 @@ from collections.abc import Callable, Coroutine, Iterable
 from typing import TypeVar
 
 from surge.router.lease import AbortInFlight, Estimator, KeepAlive, Lease, Starter
-from surge.router.memory import EvictionCandidate, choose_evictions, estimate_cost
+from surge.router.memory import EvictionCandidate, ModelCost, choose_evictions, estimate_cost
 from surge.router.spec import ModelSpec
 from surge.router.state import (
     InsufficientMemoryError,
@@ -248,6 +248,26 @@ class ModelRegistry:
         if entry.state is ModelState.LOADING:
             return entry.spec.name in self._reserved  # not yet past _make_room: holds nothing
         return entry.state in (ModelState.LOADED, ModelState.UNLOADING)
+
+    def resize(self, name: str, old_replicas: int, new_replicas: int) -> None:
+        """A loaded model's replica count changes: its cost scales with it. Growing past the
+        memory budget raises InsufficientMemoryError (nothing is evicted for it)."""
+        entry = self._get(name)
+        if entry.cost is None or old_replicas == new_replicas or old_replicas < 1:
+            return
+        cost = ModelCost(
+            entry.cost.weights_bytes // old_replicas * new_replicas,
+            entry.cost.cache_bytes // old_replicas * new_replicas,
+        )
+        if self._budget is not None and new_replicas > old_replicas:
+            others = sum(
+                e.cost.total_bytes
+                for e in self._entries.values()
+                if e is not entry and e.cost is not None and self._holds_memory(e)
+            )
+            if others + cost.total_bytes > self._budget:
+                raise InsufficientMemoryError(name, cost.total_bytes, self._budget, others)
+        entry.cost = cost
 
     # ---- unloading ----
     async def unload(self, name: str, grace_s: float = 0.0) -> int:

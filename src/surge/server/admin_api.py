@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from surge.engine.placement import PlacementError
-from surge.router import ModelLoadError, ModelNotFound
+from surge.router import InsufficientMemoryError, ModelLoadError, ModelNotFound
 from surge.server.app_health import engine_health
 from surge.server.models import ChatHandle
 from surge.server.protocol import APIError
@@ -83,12 +83,19 @@ async def scale_model(name: str, body: ScaleRequest, request: Request, state: St
         if handle is None:
             raise APIError(409, f"model {name!r} is not loaded", param="name", code="not_loaded")
         raise APIError(400, f"{name!r} is not a chat model: it has no replicas", param="name")
+    engine = handle.engine
     try:
-        await handle.engine.scale(body.replicas, body.grace)
+        state.registry.resize(name, len(engine.replicas), body.replicas)
+    except InsufficientMemoryError as e:
+        raise APIError(409, str(e), param="replicas", code="memory_budget") from None
+    try:
+        await engine.scale(body.replicas, body.grace)
     except PlacementError as e:
         raise APIError(400, str(e), param="replicas", code="cannot_place") from None
     except Exception as e:  # a new replica's core failed to start: the others serve on
         raise APIError(
             503, f"scaling {name!r} failed: {e}", type="service_unavailable", code="scale_failed"
         ) from None
+    finally:  # the cost follows the replicas that actually run
+        state.registry.resize(name, body.replicas, len(engine.replicas))
     return {"id": name, **engine_health(handle.engine)}
