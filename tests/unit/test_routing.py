@@ -12,11 +12,11 @@ from surge.engine.block_pool import hash_block
 from surge.engine.placement import PlacementError, check_replicas, replica_config, split_evenly
 from surge.engine.routing import (
     AffinityGuard,
+    AffinityTable,
     ReplicaLoad,
     choose,
     least_loaded,
-    prefix_key,
-    rendezvous,
+    prefix_keys,
     session_key,
 )
 
@@ -38,65 +38,79 @@ def test_least_loaded_prefers_fewest_sequences_then_tokens_then_round_robin() ->
 def test_equal_replicas_share_requests_evenly() -> None:
     counts: collections.Counter[int] = collections.Counter()
     rr = 0
-    for _ in range(300):
-        index, why = choose(loads(0, 0, 0), None, GUARD, rr)
+    table = AffinityTable()
+    for i in range(300):  # unrelated prompts: their keys are new, so load alone decides
+        keys = prefix_keys(list(range(i * 100, i * 100 + 64)), 16, 4)
+        index, why = choose(loads(0, 0, 0), keys, table, GUARD, rr)
         rr = index + 1
         counts[index] += 1
         assert why == "least_loaded"
     assert counts == {0: 100, 1: 100, 2: 100}
 
 
-def test_prefix_key_is_the_prefix_caches_block_hash() -> None:
+def test_prefix_keys_are_the_prefix_caches_block_hashes() -> None:
     ids = list(range(100, 180))  # 5 full blocks of 16
     first = hash_block(None, ids[:16])
-    assert prefix_key(ids, 16, 1) == first
-    assert prefix_key(ids, 16, 2) == hash_block(first, ids[16:32])
-    assert prefix_key(ids[:40], 16, 4) == prefix_key(ids, 16, 2)  # only full blocks count
-    assert prefix_key(ids[:15], 16, 4) is None
-    assert prefix_key(ids, 16, 0) is None
+    assert prefix_keys(ids, 16, 2) == [first, hash_block(first, ids[16:32])]
+    assert prefix_keys(ids[:40], 16, 4) == prefix_keys(ids, 16, 2)  # only full blocks count
+    assert prefix_keys(ids[:15], 16, 4) == []
+    assert prefix_keys(ids, 16, 0) == []
 
 
-def test_rendezvous_moves_only_the_keys_of_a_replica_that_leaves() -> None:
-    keys = [session_key(f"user-{i}") for i in range(400)]
-    before = {k: rendezvous(k, [0, 1, 2]) for k in keys}
-    after = {k: rendezvous(k, [0, 2]) for k in keys}
-    assert set(collections.Counter(before.values())) == {0, 1, 2}
-    for k in keys:
-        if before[k] != 1:
-            assert after[k] == before[k]
+def test_a_shared_prefix_goes_where_its_cache_is() -> None:
+    table = AffinityTable()
+    system = list(range(500, 532))  # 2 shared blocks, then each user's own text
+    first = prefix_keys(system + list(range(10, 42)), 16, 4)
+    assert choose(loads(0, 0, 0), first, table, GUARD, 1) == (1, "least_loaded")
+    # a later prompt sharing only the first 2 blocks prefers the replica holding them
+    second = prefix_keys(system + list(range(60, 92)), 16, 4)
+    assert choose(loads(0, 1, 0), second, table, GUARD, 0) == (1, "affinity")
+    # the deepest shared key wins: replica 2 holds all 4 blocks of this prompt
+    table.record(first, 2)
+    assert choose(loads(3, 1, 2), first, table, GUARD, 0) == (1, "affinity")  # 1 and 2 hold it
+    assert choose(loads(3, 4, 2), first, table, GUARD, 0) == (2, "affinity")
+    table.forget(1)  # replica 1 restarted: its cache is gone
+    assert table.holders(second, {0, 1, 2}) == {2}
 
 
 def test_affinity_holds_within_the_guard_and_gives_way_beyond_it() -> None:
-    key = session_key("alice")
-    preferred = rendezvous(key, [0, 1])
-    other = 1 - preferred
-    busy = [0, 0]
-    busy[preferred] = 4  # least + margin: still allowed
-    assert choose(loads(*busy), key, GUARD, 0) == (preferred, "affinity")
-    busy[preferred] = 5
-    assert choose(loads(*busy), key, GUARD, 0) == (other, "guard")
-    busy = [20, 20]
-    busy[preferred] = 30  # 20 + max(4, 0.5 * 20)
-    assert choose(loads(*busy), key, GUARD, 0) == (preferred, "affinity")
-    busy[preferred] = 31
-    assert choose(loads(*busy), key, GUARD, 0) == (other, "guard")
+    table = AffinityTable()
+    key = [session_key("alice")]
+    table.record(key, 0)
+    assert choose(loads(4, 0), key, table, GUARD, 0) == (0, "affinity")  # least + margin
+    assert choose(loads(5, 0), key, table, GUARD, 0) == (1, "guard")
+    assert table.holders(key, {0, 1}) == {0, 1}  # the guard's choice now holds it too
+    table = AffinityTable()
+    table.record(key, 0)
+    assert choose(loads(30, 20), key, table, GUARD, 0) == (0, "affinity")  # 20 + max(4, 10)
+    assert choose(loads(31, 20), key, table, GUARD, 0) == (1, "guard")
 
 
 def test_a_hot_prefix_cannot_pile_work_onto_one_replica() -> None:
-    """Every request shares one prefix and none finishes: the preferred replica takes them until
-    the guard's bound, then the others fill up (SGLang's "death spiral" can't happen)."""
-    key = prefix_key(list(range(64)), 16, 4)
+    """Every request shares one prefix and none finishes: the replica holding it takes them up
+    to the guard's bound, then the prefix spreads (SGLang's "death spiral" can't happen)."""
+    keys = prefix_keys(list(range(64)), 16, 4)
+    table = AffinityTable()
     outstanding = [0, 0, 0]
+    whys: collections.Counter[str] = collections.Counter()
     for _ in range(300):
         before = list(outstanding)
-        index, why = choose(loads(*outstanding), key, GUARD, 0)
+        index, why = choose(loads(*outstanding), keys, table, GUARD, 0)
+        whys[why] += 1
         least = min(before)
         assert before[index] <= least + max(4, int(0.5 * least))  # never past the bound
         outstanding[index] += 1
-    preferred = rendezvous(key, [0, 1, 2])
-    others = [n for i, n in enumerate(outstanding) if i != preferred]
-    assert min(others) > 0 and outstanding[preferred] > max(others)  # affinity still counts
-    assert outstanding[preferred] <= min(outstanding) + max(4, int(0.5 * min(outstanding))) + 1
+    assert min(outstanding) > 0 and max(outstanding) - min(outstanding) <= 1
+    assert whys["affinity"] > whys["guard"] > 0
+
+
+def test_the_table_is_bounded() -> None:
+    table = AffinityTable(capacity=8)
+    for i in range(20):
+        table.record([session_key(str(i))], i % 2)
+    assert len(table) == 8
+    assert table.holders([session_key("0")], {0, 1}) == set()  # the oldest were forgotten
+    assert table.holders([session_key("19")], {0, 1}) == {1}
 
 
 def test_split_evenly_and_placement_errors() -> None:

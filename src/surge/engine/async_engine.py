@@ -33,7 +33,7 @@ from surge.engine.outputs import RequestOutput
 from surge.engine.placement import PlacementError, check_replicas, replica_config
 from surge.engine.replica import EngineStats, Replica, ReplicaState
 from surge.engine.request import InvalidRequestError, SamplingParams
-from surge.engine.routing import AffinityGuard, choose, prefix_key, session_key
+from surge.engine.routing import AffinityGuard, AffinityTable, choose, prefix_keys, session_key
 from surge.models.default_model import DEFAULT_MODEL_NAME
 from surge.models.loader import load_model_files
 from surge.tokenizer import Tokenizer
@@ -90,6 +90,7 @@ class AsyncEngine:
             self.replica_config.affinity_margin, self.replica_config.affinity_ratio
         )
         self._rr = 0  # round-robin start among equally loaded replicas
+        self._affinity = AffinityTable()
         self._num_restarts_gone = 0  # restarts of replicas since removed
         self._processor = OutputProcessor(tokenizer)
         self._collectors: dict[str, OutputCollector] = {}
@@ -205,12 +206,12 @@ class AsyncEngine:
         """Text or token ids -> (text, token ids)."""
         return encode_prompt(self.tokenizer, prompt)
 
-    def affinity_key(self, token_ids: list[int], session: str | None) -> bytes | None:
-        """The client's session if it names one, else the prompt's first KV blocks' hash."""
+    def affinity_keys(self, token_ids: list[int], session: str | None) -> list[bytes]:
+        """The client's session if it names one, else the prompt's first KV blocks' hashes."""
         if session:
-            return session_key(session)
+            return [session_key(session)]
         blocks = self.replica_config.affinity_blocks
-        return prefix_key(token_ids, self.limits.block_size, blocks) if blocks else None
+        return prefix_keys(token_ids, self.limits.block_size, blocks)
 
     async def generate(
         self,
@@ -227,7 +228,7 @@ class AsyncEngine:
         check_request_fits(token_ids, params.max_tokens, self.limits)
         if req_id in self._collectors:
             raise InvalidRequestError(f"request id {req_id!r} is already in use", param="req_id")
-        affinity = self.affinity_key(token_ids, session)
+        affinity = self.affinity_keys(token_ids, session)
         replica = self._route(affinity)
         core_requests = self._processor.add_request(req_id, text, token_ids, params, priority)
         collector = OutputCollector()
@@ -252,12 +253,13 @@ class AsyncEngine:
                 if seq is not None:
                     seq.replica.forget([cid])
 
-    def _route(self, affinity: bytes | None, exclude: Replica | None = None) -> Replica:
+    def _route(self, affinity: list[bytes], exclude: Replica | None = None) -> Replica:
         """The replica a new (or moved) sequence goes to; EngineDeadError if none can take it."""
         candidates = [r for r in self.replicas.values() if r.is_routable and r is not exclude]
         if not candidates:
             raise EngineDeadError("no engine replica is running")
-        index, why = choose([r.load() for r in candidates], affinity, self._guard, self._rr)
+        loads = [r.load() for r in candidates]
+        index, why = choose(loads, affinity, self._affinity, self._guard, self._rr)
         self._rr = index + 1
         self.route_counts[(index, why)] += 1
         return self.replicas[index]
@@ -344,6 +346,7 @@ class AsyncEngine:
 
     def on_failure(self, replica: Replica, reason: str) -> None:
         """A replica's core died or stalled: move its sequences to healthy replicas."""
+        self._affinity.forget(replica.index)  # its successor starts with an empty cache
         moving = [cid for cid in replica.seqs if self._placed_on(cid, replica)]
         self._move(moving, replica, reason)
 
@@ -419,6 +422,7 @@ class AsyncEngine:
             self._move(moving, replica, f"replica {index} removed")
         await replica.stop()
         del self.replicas[index]
+        self._affinity.forget(index)
         self._num_restarts_gone += replica.num_restarts
         logger.info("%s: replica %d removed (%d left)", self.model_name, index, len(self.replicas))
 
@@ -456,6 +460,6 @@ class _Seq:
     """One core sequence of a request: as first sent, its routing key, where it runs now."""
 
     request: EngineCoreRequest
-    affinity: bytes | None
+    affinity: list[bytes]
     replica: Replica
     num_failovers: int = 0

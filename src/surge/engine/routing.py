@@ -1,5 +1,5 @@
 """Which replica of a model takes a request: least outstanding work, with prefix and session
-affinity held in check by a load guard. Pure functions over load snapshots; no I/O.
+affinity held in check by a load guard. No I/O: load snapshots in, a replica index out.
 
 The rule (defaults in ReplicaConfig):
 1. Candidates are the replicas that are live, ready and not draining.
@@ -9,19 +9,23 @@ The rule (defaults in ReplicaConfig):
    the truth and pile work onto one replica ("death spiral").
 3. The least-loaded candidate: fewest outstanding sequences, then fewest outstanding prompt
    tokens, then the next in round-robin order (so equal replicas share evenly).
-4. A request with an affinity key (the client's session, else its prompt's first KV blocks)
-   prefers one replica, chosen by rendezvous hashing over the candidates (a replica leaving
-   moves only its own keys). It goes there unless that replica's outstanding sequences exceed
-   the least-loaded one's by more than max(affinity_margin, affinity_ratio * least): then it
-   goes to the least-loaded one. So a hot prefix can hold at most that many more sequences than
-   the least busy replica, never all of them.
+4. Affinity keys: the client's session if it names one, else the prefix cache's hashes of the
+   prompt's first 1, 2, ... affinity_blocks full KV blocks. The AffinityTable remembers which
+   replicas recently served each key (so hold its KV blocks); a replica's keys are forgotten
+   when its core restarts. The deepest key some candidate holds picks the holders, and the
+   least-loaded holder takes the request unless it carries more than
+   max(affinity_margin, affinity_ratio * least) sequences beyond the least-loaded candidate:
+   then that one takes it ("guard") and becomes a holder too. So a key nobody holds goes by
+   load alone, a shared prefix stays where its cache is, and a hot prefix spreads to more
+   replicas as it outgrows one, never piling everything onto one.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from surge.engine.block_pool import BlockHash, hash_block
 
@@ -48,14 +52,15 @@ class AffinityGuard:
         return preferred.num_seqs <= least.num_seqs + slack
 
 
-def prefix_key(token_ids: Sequence[int], block_size: int, num_blocks: int) -> BlockHash | None:
-    """The prefix cache's hash of the prompt's first `num_blocks` full blocks (fewer if the
-    prompt is shorter); None for a prompt without one full block."""
-    full = min(len(token_ids) // block_size, num_blocks)
+def prefix_keys(token_ids: Sequence[int], block_size: int, num_blocks: int) -> list[BlockHash]:
+    """The prefix cache's hashes of the prompt's first 1, 2, ... num_blocks full blocks (fewer
+    for a shorter prompt; none without one full block)."""
+    keys: list[BlockHash] = []
     key: BlockHash | None = None
-    for i in range(full):
+    for i in range(min(len(token_ids) // block_size, num_blocks)):
         key = hash_block(key, token_ids[i * block_size : (i + 1) * block_size])
-    return key
+        keys.append(key)
+    return keys
 
 
 def session_key(session: str) -> bytes:
@@ -63,12 +68,44 @@ def session_key(session: str) -> bytes:
     return hashlib.sha256(b"surge session\0" + session.encode("utf-8", "surrogatepass")).digest()
 
 
-def rendezvous(key: bytes, indexes: Sequence[int]) -> int:
-    """The replica index with the highest hash of (key, index): stable as replicas come and go."""
-    return max(
-        indexes,
-        key=lambda i: hashlib.blake2b(key + i.to_bytes(4, "little"), digest_size=8).digest(),
-    )
+@dataclass(slots=True)
+class AffinityTable:
+    """Which replicas recently served each affinity key; the least recently used keys are
+    forgotten past `capacity`."""
+
+    capacity: int = 100_000
+    _holders: OrderedDict[bytes, set[int]] = field(default_factory=OrderedDict)
+
+    def __len__(self) -> int:
+        return len(self._holders)
+
+    def holders(self, keys: Sequence[bytes], candidates: set[int]) -> set[int]:
+        """The candidates holding the deepest key that any candidate holds (empty if none)."""
+        for key in reversed(keys):
+            found = self._holders.get(key)
+            if found is not None and found & candidates:
+                return found & candidates
+        return set()
+
+    def record(self, keys: Sequence[bytes], index: int) -> None:
+        """Replica `index` now serves (and caches) these keys."""
+        for key in keys:
+            found = self._holders.get(key)
+            if found is None:
+                self._holders[key] = {index}
+            else:
+                found.add(index)
+                self._holders.move_to_end(key)
+        while len(self._holders) > self.capacity:
+            self._holders.popitem(last=False)
+
+    def forget(self, index: int) -> None:
+        """Replica `index` lost its cache (its core restarted, or it was removed)."""
+        for key in [k for k, found in self._holders.items() if index in found]:
+            found = self._holders[key]
+            found.discard(index)
+            if not found:
+                del self._holders[key]
 
 
 def least_loaded(loads: Sequence[ReplicaLoad], start: int) -> ReplicaLoad:
@@ -89,14 +126,21 @@ def _first_at_or_after(indexes: list[int], start: int) -> int:
 
 
 def choose(
-    loads: Sequence[ReplicaLoad], affinity: bytes | None, guard: AffinityGuard, rr: int
+    loads: Sequence[ReplicaLoad],
+    keys: Sequence[bytes],
+    table: AffinityTable,
+    guard: AffinityGuard,
+    rr: int,
 ) -> tuple[int, str]:
-    """(replica index, why: "affinity", "least_loaded" or "guard"); `loads` must not be empty."""
+    """(replica index, why: "affinity", "least_loaded" or "guard"); records the choice in the
+    table. `loads` must not be empty."""
     least = least_loaded(loads, rr)
-    if affinity is None or len(loads) == 1:
-        return least.index, "least_loaded"
-    preferred_index = rendezvous(affinity, [load.index for load in loads])
-    preferred = next(load for load in loads if load.index == preferred_index)
-    if guard.allows(preferred, least):
-        return preferred.index, "affinity"
-    return least.index, "guard"
+    chosen, why = least, "least_loaded"
+    holders = table.holders(keys, {load.index for load in loads}) if len(loads) > 1 else set()
+    if holders:
+        preferred = least_loaded([load for load in loads if load.index in holders], rr)
+        chosen, why = (
+            (preferred, "affinity") if guard.allows(preferred, least) else (least, "guard")
+        )
+    table.record(keys, chosen.index)
+    return chosen.index, why
