@@ -81,7 +81,7 @@ async def rerank(body: RerankRequest, state: StateDep, key: KeyDep) -> JSON:
         "id": f"rerank-{uuid.uuid4().hex}",
         "model": name,
         "results": results,
-        "usage": usage(result.num_tokens, 0).model_dump(),
+        "usage": usage(result.num_tokens, 0).model_dump(exclude_none=True),
     }
 
 

@@ -155,4 +155,4 @@ def _top(lps: dict[int, float], k: int) -> list[tuple[int, float]]:
 
 def _usage(out: RequestOutput) -> JSON:
     completion = sum(len(c.token_ids) for c in out.outputs)
-    return usage(len(out.prompt_token_ids), completion).model_dump()
+    return usage(len(out.prompt_token_ids), completion, out.num_cached_tokens).model_dump()
