@@ -167,16 +167,16 @@ class Replica:
 
     def send(self, requests: list[EngineCoreRequest]) -> None:
         """Place sequences here and send them to the core (EngineOverloadedError if its queue
-        is full; the caller forgets them)."""
+        is full; then nothing is counted here and the caller aborts them)."""
         assert self._client is not None
         if not self.seqs:  # the core had nothing to do: its silence so far was idle
             self._last_progress = time.monotonic()
+        self._client.add(requests)
         for req in requests:
             self.seqs.add(req.req_id)
             self._num_sent += 1
             tokens = len(req.prompt_token_ids) + len(req.output_token_ids)
             self._unreported.append((self._num_sent, tokens))
-        self._client.add(requests)
 
     def finish(self, msg: EngineCoreFinish) -> None:
         """Abort or stop sequences in the core, if one runs (unknown ids are ignored there)."""
