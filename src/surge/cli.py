@@ -1,4 +1,4 @@
-"""`surge serve | pull | chat | generate | bench offline | serve | embed | perplexity | report`."""
+"""`surge serve | pull | chat | generate | bench offline | serve | embed | perplexity | report | app`."""
 
 from __future__ import annotations
 
@@ -496,6 +496,47 @@ def cmd_bench_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_app(args: argparse.Namespace) -> int:
+    """The web app on its own, a client of any OpenAI-compatible service."""
+    from pathlib import Path
+
+    import uvicorn
+
+    from surge.app.config import AppConfig
+    from surge.app.main import create_app
+
+    try:
+        config = AppConfig(
+            api_base=args.api_base,
+            api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+            data_dir=Path(args.data_dir),
+            database_url=args.database_url,
+            secure_cookies=args.secure_cookies,
+        )
+    except ValueError as e:
+        logger.error("%s", e)
+        return 2
+    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def add_app_parser(sub: argparse._SubParsersAction) -> None:
+    """`surge app`: the web app (accounts, chat) against a model service's URL."""
+    p = sub.add_parser("app", help="the web app (accounts, chat) on any OpenAI-compatible API")
+    p.add_argument("--api-base", required=True, help="the model service, e.g. http://host:8000/v1")
+    p.add_argument(
+        "--api-key", default=None, help=f"key for the model service (default: ${API_KEY_ENV})"
+    )
+    p.add_argument("--data-dir", default="surge-app-data", help="the app's store and files")
+    p.add_argument(
+        "--database-url", default=None, help="another store, e.g. postgresql+asyncpg://..."
+    )
+    p.add_argument("--secure-cookies", action="store_true", help="behind HTTPS: Secure cookies")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.set_defaults(func=cmd_app)
+
+
 def add_bench_serve_parsers(bench: argparse._SubParsersAction) -> None:
     """`bench serve` and `bench report`."""
     from surge.bench.serve import add_serve_args
@@ -576,6 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.set_defaults(func=cmd_bench_perplexity)
     add_bench_serve_parsers(bench)
     add_bench_embed_parser(bench)
+    add_app_parser(sub)
     return parser
 
 

@@ -1,0 +1,68 @@
+"""`create_app(config)`: the app as one ASGI application, its state built in the lifespan."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from surge.app import accounts, admin, chat, conversations
+from surge.app.config import AppConfig
+from surge.app.db import create_schema, make_engine, make_sessions
+from surge.app.deps import AppState
+from surge.app.errors import AppError, app_error_handler
+from surge.app.security import RateLimiter
+from surge.app.upstream import Upstream, make_client
+
+
+def create_app(config: AppConfig, *, clock: Callable[[], float] = time.monotonic) -> FastAPI:
+    """The app: accounts, conversations and chat under /api. `clock` drives the rate limiter
+    (tests pass a fake one instead of sleeping)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if config.database_url is None:
+            config.data_dir.mkdir(parents=True, exist_ok=True)
+        engine = make_engine(config.store_url)
+        await create_schema(engine)
+        client = make_client(config)
+        app.state.surge_app = AppState(
+            config=config,
+            engine=engine,
+            sessions=make_sessions(engine),
+            upstream=Upstream(client, config.api_base),
+            limiter=RateLimiter(config.max_requests_per_minute, clock),
+        )
+        try:
+            yield
+        finally:
+            await client.aclose()
+            await engine.dispose()
+
+    app = FastAPI(title="surge app", lifespan=lifespan)
+    app.add_exception_handler(AppError, app_error_handler)
+    for module in (accounts, admin, conversations, chat):
+        app.include_router(module.router)
+
+    @app.get("/api/health", operation_id="health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app
+
+
+def mount_app(parent: FastAPI, app: FastAPI, path: str = "/") -> None:
+    """Serve `app` inside `parent` (how `surge serve` will host it): Starlette runs no lifespan
+    of a mounted app, so `parent`'s lifespan is wrapped to run the app's too. Call it after
+    `parent`'s own routes are added: a mount at "/" takes every path they don't match."""
+    parent_lifespan = parent.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(outer: FastAPI) -> AsyncIterator[object]:
+        async with app.router.lifespan_context(app), parent_lifespan(outer) as state:
+            yield state
+
+    parent.router.lifespan_context = lifespan
+    parent.mount(path.rstrip("/") or "", app)
