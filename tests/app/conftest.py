@@ -7,11 +7,24 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from argon2 import PasswordHasher
 
+from surge.app import security
 from surge.app.config import AppConfig
 from surge.app.main import create_app
 from tests.app.fake_upstream import FakeUpstream
 from tests.app.servers import Browser, ServerThread
+
+
+@pytest.fixture(scope="session", autouse=True)
+def real_hasher() -> Iterator[PasswordHasher]:
+    """The app's password hasher, replaced meanwhile by argon2id with small parameters: the
+    tests hash dozens of passwords on a shared CPU (test_parts checks the real one)."""
+    real = security._hasher
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(security, "_hasher", PasswordHasher(1, 8192, 1))
+        mp.setattr(security, "_dummy_hash", None)
+        yield real
 
 
 class FakeClock:

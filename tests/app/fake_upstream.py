@@ -64,7 +64,9 @@ class FakeUpstream:
             if last.startswith("#503"):
                 return _error(503, "model is loading")
             if last.startswith("#hang"):
-                await asyncio.Event().wait()  # until the client gives up
+                while not await request.is_disconnected():  # no answer until the client leaves
+                    await asyncio.sleep(0.05)
+                return _error(499, "client gone")
             return StreamingResponse(self._stream(body, last), media_type="text/event-stream")
 
         return app

@@ -31,9 +31,15 @@ logger = logging.getLogger(__name__)
 KEEPALIVE = ": keep-alive\n\n"
 
 
+# Line separators some line splitters break on (Python's str.splitlines): escaped in the JSON,
+# which stays the same value. JSON itself escapes \r and \n.
+_LINE_BREAKS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
+
+
 def sse(body: dict[str, object]) -> str:
-    """One SSE event carrying a JSON body (no raw line breaks: JSON escapes them)."""
-    return f"data: {json.dumps(body, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    """One SSE event carrying a JSON body, on one line."""
+    text = json.dumps(body, ensure_ascii=False, separators=(",", ":")).translate(_LINE_BREAKS)
+    return f"data: {text}\n\n"
 
 
 class SSEResponse(StreamingResponse):

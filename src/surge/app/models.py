@@ -23,6 +23,10 @@ from sqlalchemy.types import TypeDecorator
 from surge.app.db import Base
 
 
+def _values(enum_type: type[enum.Enum]) -> list[str]:
+    return [str(m.value) for m in enum_type]
+
+
 def utcnow() -> datetime:
     """Timezone-aware now (stored as UTC)."""
     return datetime.now(timezone.utc)
@@ -64,7 +68,9 @@ class User(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     username: Mapped[str] = mapped_column(String(64), unique=True, index=True)
     password_hash: Mapped[str] = mapped_column(String(255))
-    role: Mapped[Role] = mapped_column(Enum(Role, native_enum=False, length=16), default=Role.USER)
+    role: Mapped[Role] = mapped_column(
+        Enum(Role, native_enum=False, length=16, values_callable=_values), default=Role.USER
+    )
     disabled: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     num_requests: Mapped[int] = mapped_column(Integer, default=0)  # requests to the model service
@@ -102,6 +108,7 @@ class Conversation(Base):
     """A chat owned by one user, with its own model, system prompt and temperature."""
 
     __tablename__ = "conversations"
+    __table_args__ = {"sqlite_autoincrement": True}  # ids never reused after a delete
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
@@ -123,6 +130,7 @@ class Message(Base):
     """One turn; the order of a conversation is the order of ids."""
 
     __tablename__ = "messages"
+    __table_args__ = {"sqlite_autoincrement": True}  # a regenerated answer gets a new id
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     conversation_id: Mapped[int] = mapped_column(
@@ -131,7 +139,8 @@ class Message(Base):
     role: Mapped[str] = mapped_column(String(16))  # "user" | "assistant"
     content: Mapped[str] = mapped_column(Text, default="")
     status: Mapped[MessageStatus] = mapped_column(
-        Enum(MessageStatus, native_enum=False, length=16), default=MessageStatus.COMPLETE
+        Enum(MessageStatus, native_enum=False, length=16, values_callable=_values),
+        default=MessageStatus.COMPLETE,
     )
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     model: Mapped[str | None] = mapped_column(String(200), nullable=True)

@@ -22,8 +22,16 @@ CSRF_HEADER = "X-CSRF-Token"
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 _hasher = PasswordHasher()  # argon2id with the library's (RFC 9106 low-memory) parameters
-# verified against when the user doesn't exist, so a wrong name costs as long as a wrong password
-_DUMMY_HASH = _hasher.hash(secrets.token_hex(16))
+_dummy_hash: str | None = None
+
+
+def _dummy() -> str:
+    """Verified against when the user doesn't exist: a wrong name costs what a wrong password
+    does. Made on first use, not at import."""
+    global _dummy_hash
+    if _dummy_hash is None:
+        _dummy_hash = _hasher.hash(secrets.token_hex(16))
+    return _dummy_hash
 
 
 async def hash_password(password: str) -> str:
@@ -36,7 +44,7 @@ async def verify_password(password_hash: str | None, password: str) -> bool:
 
     def verify() -> bool:
         try:
-            return _hasher.verify(password_hash or _DUMMY_HASH, password) and bool(password_hash)
+            return _hasher.verify(password_hash or _dummy(), password) and bool(password_hash)
         except (VerificationError, InvalidHashError):
             return False
 
