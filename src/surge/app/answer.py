@@ -122,7 +122,7 @@ async def relay(job: AnswerJob, state: AppState) -> AsyncIterator[str]:
         outcome = (MessageStatus.COMPLETE, None)
     except UpstreamError as e:
         outcome = (MessageStatus.ERROR, e.message)
-        error: dict[str, object] = {"status": e.status, "message": e.message}
+        error = {"status": e.status, "message": e.message}
         error |= {"retryable": e.retryable, "retry_after_s": e.retry_after_s}
     except Exception as e:  # noqa: BLE001 - a surprise must still end as an event, not a hang
         logger.exception("answer for conversation %d failed", job.conversation_id)
