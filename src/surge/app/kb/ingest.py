@@ -1,0 +1,284 @@
+"""Background ingestion: upload → (dedup) → queue → parse, split, tokenize → embed → store.
+
+At most `max_concurrent_jobs` documents are processed at once (a semaphore); the rest wait as
+QUEUED. The CPU-bound step (parse, split, tokenize) runs in the ingestor's own small thread
+pool, never on the event loop, and never in the loop's default pool that searches use, so a
+large upload can't delay anyone's retrieval. (Passing a `ProcessPoolExecutor` instead also
+keeps that work off the GIL; `_prepare` is a plain picklable function for this.) Embeddings
+are requested in batches of `embed_batch_size` chunks, and progress is written as they come.
+
+Cancel marks the document CANCELLED first, then cancels its job: whatever the job was doing
+(waiting for its turn, embedding) stops, and its final write, which only moves a PROCESSING
+document to DONE, finds nothing to do. A parse already running in a worker thread can't be
+interrupted: it finishes, holding its worker, and its result is dropped. A job stopped by
+`close` (shutdown) leaves its document QUEUED for `resume` at the next start."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+from surge.app.kb import store
+from surge.app.kb.blobs import BlobStore
+from surge.app.kb.bm25 import tokenize
+from surge.app.kb.index import EmbedFn, indexed_text
+from surge.app.kb.parse import FileTooLarge, ParseLimits, detect_type, parse_document
+from surge.app.kb.split import Chunk, SplitConfig, split_sections
+from surge.app.kb.store import DocumentStatus
+
+logger = logging.getLogger(__name__)
+
+PREPARED_PROGRESS = 0.1  # parsed, split and tokenized; embedding takes the rest
+MIN_PROGRESS_STEP = 0.02  # fewer writes: progress is stored when it moved at least this much
+MAX_FILE_NAME = 255
+MAX_ERROR_CHARS = 500
+
+
+@dataclass(frozen=True, slots=True)
+class IngestConfig:
+    """How much ingestion may do at once."""
+
+    max_concurrent_jobs: int = 2
+    embed_batch_size: int = 64
+    limits: ParseLimits = field(default_factory=ParseLimits)
+
+    def __post_init__(self) -> None:
+        if self.max_concurrent_jobs < 1 or self.embed_batch_size < 1:
+            raise ValueError("max_concurrent_jobs and embed_batch_size must be at least 1")
+
+
+@dataclass(frozen=True, slots=True)
+class Upload:
+    """What `Ingestor.add` did with a file."""
+
+    document_id: int
+    duplicate: bool  # the knowledge base already held these bytes: no new document
+
+
+def safe_file_name(name: str) -> str:
+    """The last path component, without control characters, at most 255 characters."""
+    name = re.sub(r"[\x00-\x1f\x7f]", "", name.replace("\\", "/")).rsplit("/", 1)[-1].strip()
+    return (name if name not in ("", ".", "..") else "unnamed")[:MAX_FILE_NAME]
+
+
+def _prepare(
+    file_name: str, data: bytes, config: SplitConfig, limits: ParseLimits
+) -> tuple[list[Chunk], list[list[str]]]:
+    """The CPU-bound part of a job: the chunks of a file and their BM25 tokens."""
+    chunks = split_sections(parse_document(file_name, data, limits=limits), file_name, config)
+    return chunks, [tokenize(indexed_text(chunk.heading, chunk.text)) for chunk in chunks]
+
+
+class Ingestor:
+    """Runs ingestion jobs for every knowledge base of the app; one per app process."""
+
+    def __init__(
+        self,
+        sessions: async_sessionmaker,  # type: ignore[type-arg]
+        blobs: BlobStore,
+        embed: EmbedFn,
+        config: IngestConfig | None = None,
+        executor: concurrent.futures.Executor | None = None,
+    ) -> None:
+        self.config = config or IngestConfig()
+        self._sessions = sessions
+        self._blobs = blobs
+        self._embed = embed
+        self._own_executor = executor is None
+        self._executor = executor or concurrent.futures.ThreadPoolExecutor(
+            self.config.max_concurrent_jobs, thread_name_prefix="kb-ingest"
+        )
+        self._slots = asyncio.Semaphore(self.config.max_concurrent_jobs)
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+
+    async def add(self, kb_id: int, file_name: str, data: bytes) -> Upload:
+        """Store an uploaded file and queue it, unless the knowledge base has it already.
+
+        Raises `FileTooLarge` or `UnsupportedFileType` (for a 413 or 400) before storing."""
+        limits = self.config.limits
+        if len(data) > limits.max_bytes:
+            raise FileTooLarge(f"{len(data)} bytes is over the limit of {limits.max_bytes}")
+        file_name = safe_file_name(file_name)
+        detect_type(file_name, data)
+        sha256 = await asyncio.to_thread(self._blobs.put, data)
+        async with self._sessions() as session:
+            document, created = await store.add_document(
+                session, kb_id=kb_id, file_name=file_name, sha256=sha256, size_bytes=len(data)
+            )
+        if not created and document.status in (DocumentStatus.FAILED, DocumentStatus.CANCELLED):
+            await self.reindex(document.id)  # uploading it again is asking to retry
+        elif created:
+            self._submit(document.id)
+        return Upload(document.id, duplicate=not created)
+
+    async def reindex(self, document_id: int) -> bool:
+        """Drop a document's chunks and process it again; False while it is in a job."""
+        async with self._sessions() as session:
+            if not await store.requeue_document(session, document_id):
+                return False
+        self._submit(document_id)
+        return True
+
+    async def cancel(self, document_id: int) -> bool:
+        """Stop a queued or running document's job; False if it had none."""
+        async with self._sessions() as session:
+            moved = await store.set_status(session, document_id, DocumentStatus.CANCELLED)
+        task = self._tasks.get(document_id)
+        if task is not None:
+            task.cancel()
+        return moved
+
+    async def delete_document(self, document_id: int) -> bool:
+        """Stop its job, delete it and its chunks, and its file if no other document has it."""
+        await self.cancel(document_id)
+        await self._wait_quietly(document_id)
+        async with self._sessions() as session:
+            sha256 = await store.delete_document(session, document_id)
+            if sha256 is None:
+                return False
+            if not await store.is_file_used(session, sha256):
+                await asyncio.to_thread(self._blobs.delete, sha256)
+        return True
+
+    async def delete_kb(self, kb_id: int) -> None:
+        """Stop its jobs, then delete the knowledge base and its files no other one holds."""
+        async with self._sessions() as session:
+            documents = await store.list_documents(session, kb_id)
+        for document in documents:
+            if document.status.is_active:
+                await self.cancel(document.id)
+                await self._wait_quietly(document.id)
+        async with self._sessions() as session:
+            for sha256 in set(await store.delete_kb(session, kb_id)):
+                if not await store.is_file_used(session, sha256):
+                    await asyncio.to_thread(self._blobs.delete, sha256)
+
+    async def resume(self) -> int:
+        """Queue again the documents a previous run left QUEUED or PROCESSING; how many."""
+        async with self._sessions() as session:
+            ids = list(
+                await session.scalars(
+                    select(store.Document.id).where(
+                        store.Document.status.in_(store.ACTIVE_STATUSES)
+                    )
+                )
+            )
+            for document_id in ids:
+                await store.set_status(session, document_id, DocumentStatus.QUEUED, progress=0.0)
+        for document_id in ids:
+            self._submit(document_id)
+        return len(ids)
+
+    async def wait(self, document_id: int) -> None:
+        """Until the document's current job (if any) has ended, however it ended."""
+        await self._wait_quietly(document_id)
+
+    async def close(self) -> None:
+        """Stop every job (their documents stay QUEUED for `resume`)."""
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._own_executor:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _submit(self, document_id: int) -> None:
+        # A job still ending (a cancel's last write) runs out first; a job that finds its
+        # document no longer QUEUED does nothing, so a second submit is harmless.
+        previous = self._tasks.get(document_id)
+        self._tasks[document_id] = asyncio.create_task(
+            self._run(document_id, previous), name=f"kb-ingest-{document_id}"
+        )
+
+    async def _wait_quietly(self, document_id: int) -> None:
+        task = self._tasks.get(document_id)
+        if task is not None:
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _run(self, document_id: int, previous: asyncio.Task[None] | None) -> None:
+        """One job, start to end; every way out leaves the document in a truthful state."""
+        try:
+            if previous is not None and not previous.done():
+                await asyncio.wait([previous])  # (wait, unlike gather, never cancels it)
+            async with self._slots:
+                await self._process(document_id)
+        except asyncio.CancelledError:
+            # A user's cancel has already written CANCELLED; otherwise (shutdown) go back to
+            # QUEUED. Shielded: the write must happen although this task is being cancelled.
+            await asyncio.shield(self._set(document_id, DocumentStatus.QUEUED, progress=0.0))
+            raise
+        except Exception as exc:
+            logger.warning("ingesting document %d failed: %s", document_id, exc)
+            await self._set(document_id, DocumentStatus.FAILED, error=_describe(exc))
+        finally:
+            if self._tasks.get(document_id) is asyncio.current_task():
+                del self._tasks[document_id]
+
+    async def _process(self, document_id: int) -> None:
+        async with self._sessions() as session:
+            document = await store.get_document(session, document_id)
+            kb = await store.get_kb(session, document.kb_id) if document else None
+            if document is None or kb is None:
+                return  # deleted while it waited
+            if not await store.set_status(
+                session,
+                document_id,
+                DocumentStatus.PROCESSING,
+                progress=0.0,
+                only_from=(DocumentStatus.QUEUED,),
+            ):
+                return  # cancelled while it waited
+        data = await asyncio.to_thread(self._blobs.read, document.content_sha256)
+        split = SplitConfig(kb.chunk_size, kb.overlap)
+        loop = asyncio.get_running_loop()
+        chunks, tokens = await loop.run_in_executor(
+            self._executor, _prepare, document.file_name, data, split, self.config.limits
+        )
+        del data
+        await self._progress(document_id, PREPARED_PROGRESS)
+        embeddings = await self._embed_chunks(document_id, chunks)
+        async with self._sessions() as session:  # the final write completes even if cancelled
+            await asyncio.shield(
+                store.save_chunks(session, document_id, chunks, tokens, embeddings)
+            )
+
+    async def _embed_chunks(self, document_id: int, chunks: list[Chunk]) -> np.ndarray:
+        """Embeddings of every chunk, `embed_batch_size` at a time, with progress."""
+        batch = self.config.embed_batch_size
+        parts: list[np.ndarray] = []
+        written = PREPARED_PROGRESS
+        for start in range(0, len(chunks), batch):
+            texts = [chunk.text for chunk in chunks[start : start + batch]]
+            vectors = np.asarray(await self._embed(texts), dtype=np.float32)
+            if vectors.ndim != 2 or len(vectors) != len(texts):
+                raise ValueError(f"the embedding service returned shape {vectors.shape}")
+            parts.append(
+                vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+            )
+            done = min(start + batch, len(chunks)) / len(chunks)
+            progress = PREPARED_PROGRESS + (0.99 - PREPARED_PROGRESS) * done
+            if progress - written >= MIN_PROGRESS_STEP:
+                await self._progress(document_id, progress)
+                written = progress
+        return np.concatenate(parts) if parts else np.zeros((0, 0), dtype=np.float32)
+
+    async def _progress(self, document_id: int, progress: float) -> None:
+        async with self._sessions() as session:
+            await store.set_progress(session, document_id, round(progress, 4))
+
+    async def _set(self, document_id: int, status: DocumentStatus, **values: object) -> None:
+        async with self._sessions() as session:
+            await store.set_status(session, document_id, status, **values)  # type: ignore[arg-type]
+
+
+def _describe(exc: Exception) -> str:
+    """A failure as the user sees it on the document."""
+    text = str(exc) or type(exc).__name__
+    return text[:MAX_ERROR_CHARS]

@@ -1,0 +1,423 @@
+"""Text out of uploaded files: txt, md, pdf, docx, html → sections (text, page, heading).
+
+The type comes from the content where the content is unambiguous (a PDF header, a zip holding
+`word/document.xml`), otherwise from the extension; anything else is refused with a message a
+user can act on. Limits guard against huge files and decompression bombs: the file's size, a
+docx's declared unpacked size (checked before anything is inflated), a PDF's page count, and
+the extracted text's length (pypdf also caps each inflated stream itself)."""
+
+from __future__ import annotations
+
+import codecs
+import enum
+import io
+import re
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from bs4 import BeautifulSoup, NavigableString, Tag
+
+MAX_HEADING_CHARS = 300
+
+
+class ParseError(ValueError):
+    """The file can't be read as the type it is (corrupt, encrypted, undecodable)."""
+
+
+class UnsupportedFileType(ParseError):
+    """Not one of txt, md, pdf, docx, html."""
+
+
+class FileTooLarge(ParseError):
+    """Over a size limit: the file, its unpacked contents, its pages or its text."""
+
+
+class FileType(str, enum.Enum):
+    TXT = "txt"
+    MD = "md"
+    PDF = "pdf"
+    DOCX = "docx"
+    HTML = "html"
+
+
+_EXTENSIONS = {
+    "txt": FileType.TXT,
+    "text": FileType.TXT,
+    "md": FileType.MD,
+    "markdown": FileType.MD,
+    "pdf": FileType.PDF,
+    "docx": FileType.DOCX,
+    "html": FileType.HTML,
+    "htm": FileType.HTML,
+}
+SUPPORTED = ".txt, .md, .pdf, .docx, .html"
+
+
+@dataclass(frozen=True, slots=True)
+class ParseLimits:
+    """How much one file may hold; every limit fails with `FileTooLarge`."""
+
+    max_bytes: int = 100 * 1024 * 1024  # the uploaded file
+    max_unpacked_bytes: int = 400 * 1024 * 1024  # a docx's members, as their headers declare
+    max_pages: int = 20_000  # a PDF
+    max_chars: int = 50_000_000  # the extracted text
+
+
+@dataclass(frozen=True, slots=True)
+class Section:
+    """A stretch of text under one heading (and on one page, for a PDF)."""
+
+    text: str
+    page: int | None = None  # 1-based, PDFs only
+    heading: str | None = None  # the heading path, "Chapter > Section"
+
+
+def parse_document(
+    file_name: str, data: bytes, *, limits: ParseLimits | None = None
+) -> list[Section]:
+    """The sections of an uploaded file, in reading order; empty sections are dropped."""
+    limits = limits or ParseLimits()
+    if len(data) > limits.max_bytes:
+        raise FileTooLarge(f"{len(data)} bytes is over the limit of {limits.max_bytes}")
+    kind = detect_type(file_name, data)
+    budget = _Budget(limits.max_chars)
+    if kind is FileType.PDF:
+        return _parse_pdf(data, limits, budget)
+    if kind is FileType.DOCX:
+        return _parse_docx(data, limits, budget)
+    text = budget.take(_decode(data))
+    if kind is FileType.HTML:
+        return _parse_html(text)
+    if kind is FileType.MD:
+        return _parse_markdown(text)
+    cleaned = clean_text(text)
+    return [Section(cleaned)] if cleaned else []
+
+
+def detect_type(file_name: str, data: bytes) -> FileType:
+    """PDF and docx by their content, text types by extension (or sniffed); else refused."""
+    ext = file_name.replace("\\", "/").rsplit("/", 1)[-1]
+    ext = ext.rsplit(".", 1)[-1].lower() if "." in ext else ""
+    claimed = _EXTENSIONS.get(ext)
+    if b"%PDF-" in data[:1024]:
+        return FileType.PDF
+    if data.startswith(b"PK\x03\x04"):
+        if _is_docx(data):
+            return FileType.DOCX
+        raise UnsupportedFileType(f"{file_name!r} is a zip archive, not a .docx ({SUPPORTED})")
+    if _looks_binary(data):
+        raise UnsupportedFileType(f"{file_name!r} is not a text document ({SUPPORTED})")
+    if claimed in (FileType.PDF, FileType.DOCX):
+        raise ParseError(f"{file_name!r} is named .{ext} but is not a valid {ext.upper()} file")
+    if claimed is not None:
+        return claimed
+    if ext:
+        raise UnsupportedFileType(f".{ext} files are not supported ({SUPPORTED})")
+    head = data[:2048].lstrip().lower()
+    return FileType.HTML if head.startswith((b"<!doctype html", b"<html")) else FileType.TXT
+
+
+def clean_text(text: str) -> str:
+    """Unix newlines, no control characters or trailing spaces, at most one blank line."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = _CONTROL.sub("", text)
+    text = _TRAILING_SPACE.sub("\n", text)
+    return _BLANK_LINES.sub("\n\n", text).strip()
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b\ufeff]")
+_TRAILING_SPACE = re.compile(r"[ \t\u3000]+\n")
+_BLANK_LINES = re.compile(r"\n{3,}")
+# Magic numbers of common binary files that are neither PDF nor docx.
+_BINARY_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"\x7fELF", b"MZ", b"\x1f\x8b", b"BZh")
+
+
+class _Budget:
+    """Counts extracted characters against `max_chars`."""
+
+    def __init__(self, max_chars: int) -> None:
+        self.left = max_chars
+        self.max_chars = max_chars
+
+    def take(self, text: str) -> str:
+        self.left -= len(text)
+        if self.left < 0:
+            raise FileTooLarge(f"the text is longer than {self.max_chars} characters")
+        return text
+
+
+class _HeadingPath:
+    """The open headings, outermost first; a heading closes those at its level or deeper."""
+
+    def __init__(self) -> None:
+        self._stack: list[tuple[int, str]] = []
+
+    def push(self, level: int, title: str) -> None:
+        while self._stack and self._stack[-1][0] >= level:
+            self._stack.pop()
+        self._stack.append((level, " ".join(title.split())[:MAX_HEADING_CHARS]))
+
+    @property
+    def current(self) -> str | None:
+        return " > ".join(title for _, title in self._stack)[:MAX_HEADING_CHARS] or None
+
+
+def _looks_binary(data: bytes) -> bool:
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return False  # UTF-16 text is full of NUL bytes
+    return data.startswith(_BINARY_MAGIC) or b"\x00" in data
+
+
+def _decode(data: bytes) -> str:
+    """UTF-8 (with or without BOM), UTF-16 with a BOM, or GB18030 (common for Chinese files)."""
+    utf16 = data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
+    for encoding in ("utf-16",) if utf16 else ("utf-8-sig", "gb18030"):
+        try:
+            return data.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+    raise ParseError(
+        "the text is not valid UTF-16" if utf16 else "the text is neither UTF-8 nor GB18030"
+    )
+
+
+def _is_docx(data: bytes) -> bool:
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            return "word/document.xml" in zf.namelist()
+    except zipfile.BadZipFile:
+        return False
+
+
+def _parse_pdf(data: bytes, limits: ParseLimits, budget: _Budget) -> list[Section]:
+    from pypdf import PdfReader  # a heavy import, needed only here
+    from pypdf.errors import PdfReadError
+
+    try:
+        reader = PdfReader(io.BytesIO(data))
+        if reader.is_encrypted and not reader.decrypt(""):
+            raise ParseError("the PDF is encrypted with a password")
+        num_pages = len(reader.pages)
+        if num_pages > limits.max_pages:
+            raise FileTooLarge(f"{num_pages} pages is over the limit of {limits.max_pages}")
+        headings = _pdf_outline(reader)
+        sections = []
+        heading = None
+        for index, page in enumerate(reader.pages):
+            heading = headings.get(index, heading)
+            text = clean_text(budget.take(page.extract_text() or ""))
+            if text:
+                sections.append(Section(text, page=index + 1, heading=heading))
+        return sections
+    except (PdfReadError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        if isinstance(exc, ParseError):
+            raise
+        raise ParseError(f"cannot read the PDF: {exc}") from exc
+
+
+def _pdf_outline(reader) -> dict[int, str]:  # type: ignore[no-untyped-def]
+    """The outline's deepest title starting on each page (0-based); {} if it has none."""
+    starts: dict[int, str] = {}
+    path = _HeadingPath()
+
+    def walk(items: list, level: int) -> None:  # type: ignore[type-arg]
+        for item in items:
+            if isinstance(item, list):
+                walk(item, level + 1)
+                continue
+            page = reader.get_destination_page_number(item)
+            path.push(level, str(item.title))
+            if page is not None and path.current:
+                starts[page] = path.current
+
+    try:
+        walk(reader.outline, 1)
+    except Exception:  # a broken outline costs the headings, not the text
+        return {}
+    return starts
+
+
+def _parse_docx(data: bytes, limits: ParseLimits, budget: _Budget) -> list[Section]:
+    import docx  # python-docx: a heavy import, needed only here
+    from docx.table import Table
+
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:  # headers first: nothing inflated yet
+        unpacked = sum(info.file_size for info in zf.infolist())
+    if unpacked > limits.max_unpacked_bytes:
+        raise FileTooLarge(
+            f"the docx unpacks to {unpacked} bytes, over the limit of {limits.max_unpacked_bytes}"
+        )
+    try:
+        document = docx.Document(io.BytesIO(data))
+    except Exception as exc:  # python-docx raises a variety (KeyError, lxml errors...)
+        raise ParseError(f"cannot read the docx: {exc}") from exc
+    sections: list[Section] = []
+    headings = _HeadingPath()
+    lines: list[str] = []
+
+    def flush() -> None:
+        text = clean_text("\n\n".join(lines))
+        if text:
+            sections.append(Section(text, heading=headings.current))
+        lines.clear()
+
+    for block in document.iter_inner_content():
+        text = _table_text(block) if isinstance(block, Table) else block.text.strip()
+        budget.take(text)
+        level = None if isinstance(block, Table) else _docx_heading_level(block)
+        if level is not None and text:
+            flush()
+            headings.push(level, text)
+        elif text:
+            lines.append(text)
+    flush()
+    return sections
+
+
+_DOCX_HEADING = re.compile(r"^(?:heading|标题)\s*(\d)$", re.IGNORECASE)
+
+
+def _docx_heading_level(paragraph) -> int | None:  # type: ignore[no-untyped-def]
+    """1-9 for "Heading N" (or the Chinese "标题 N"), 0 for "Title", None for body text."""
+    try:
+        name = (paragraph.style.name or "").strip()
+    except (KeyError, AttributeError, ValueError):
+        return None
+    if name.lower() in ("title", "标题"):
+        return 0
+    match = _DOCX_HEADING.match(name)
+    return int(match.group(1)) if match else None
+
+
+def _table_text(table) -> str:  # type: ignore[no-untyped-def]
+    """One line per row, cells joined by " | " (a merged cell appears once)."""
+    rows = []
+    for row in table.rows:
+        cells: list[str] = []
+        for cell in row.cells:
+            text = " ".join(cell.text.split())
+            if text and (not cells or cells[-1] != text):
+                cells.append(text)
+        if cells:
+            rows.append(" | ".join(cells))
+    return "\n".join(rows)
+
+
+_HTML_SKIP = frozenset(
+    "script style noscript template head svg canvas iframe object embed button select "
+    "textarea input nav".split()
+)
+_HTML_BLOCK = frozenset(
+    "p div section article main aside header footer li ul ol dl dt dd tr table blockquote "
+    "pre figure figcaption form address br hr".split()
+)
+_HTML_HEADINGS = {f"h{level}": level for level in range(1, 7)}
+
+
+def _parse_html(text: str) -> list[Section]:
+    """Visible text; h1-h6 start sections, block elements end paragraphs."""
+    soup = BeautifulSoup(text, "html.parser")
+    headings = _HeadingPath()
+    title = soup.title.get_text(" ", strip=True) if soup.title else ""
+    if title:
+        headings.push(0, title)
+    sections: list[Section] = []
+    parts: list[str] = []
+
+    def flush() -> None:
+        body = clean_text(_join_html_text(parts))
+        if body:
+            sections.append(Section(body, heading=headings.current))
+        parts.clear()
+
+    for event, node in _html_events(soup.body or soup):
+        if event == "heading":
+            flush()
+            headings.push(_HTML_HEADINGS[node.name], node.get_text(" ", strip=True))
+        elif event == "break":
+            parts.append("\n\n")
+        else:
+            parts.append(str(node))
+    flush()
+    return sections
+
+
+def _html_events(root: Tag) -> Iterator[tuple[str, Tag | NavigableString]]:
+    """("text", s), ("break", tag) around blocks and ("heading", h) in document order.
+
+    Iterative: a page nested ten thousand deep must not overflow the stack."""
+    stack: list[tuple[bool, Tag | NavigableString]] = [(False, child) for child in root.children]
+    stack.reverse()
+    while stack:
+        closing, node = stack.pop()
+        if closing:
+            yield "break", node  # type: ignore[misc]
+            continue
+        if isinstance(node, NavigableString):
+            if type(node) is NavigableString:  # not a Comment, CData, Doctype...
+                yield "text", node
+            continue
+        if not isinstance(node, Tag) or node.name in _HTML_SKIP or _html_hidden(node):
+            continue
+        if node.name in _HTML_HEADINGS:
+            yield "heading", node
+            continue
+        if node.name in _HTML_BLOCK:
+            yield "break", node
+            stack.append((True, node))
+        stack.extend((False, child) for child in reversed(list(node.children)))
+
+
+def _html_hidden(tag: Tag) -> bool:
+    if tag.has_attr("hidden") or tag.get("aria-hidden") == "true":
+        return True
+    style = str(tag.get("style", "")).replace(" ", "").lower()
+    return "display:none" in style or "visibility:hidden" in style
+
+
+def _join_html_text(parts: list[str]) -> str:
+    """HTML whitespace collapses to one space; the paragraph breaks we inserted survive."""
+    text = "".join(parts)
+    paragraphs = (" ".join(block.split()) for block in text.split("\n\n"))
+    return "\n\n".join(p for p in paragraphs if p)
+
+
+_MD_ATX = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.*?)(?:[ \t]+#+)?[ \t]*$")
+_MD_SETEXT = re.compile(r"^ {0,3}(=+|-+)[ \t]*$")
+_MD_FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
+
+
+def _parse_markdown(text: str) -> list[Section]:
+    """ATX (`# Title`) and setext (underlined) headings start sections; fenced code is body."""
+    sections: list[Section] = []
+    headings = _HeadingPath()
+    lines: list[str] = []
+    fence: str | None = None
+
+    def flush() -> None:
+        body = clean_text("\n".join(lines))
+        if body:
+            sections.append(Section(body, heading=headings.current))
+        lines.clear()
+
+    for line in text.replace("\r\n", "\n").split("\n"):
+        fence_match = _MD_FENCE.match(line)
+        if fence_match:
+            marker = fence_match.group(1)[0] * 3
+            fence = marker if fence is None else (None if marker == fence else fence)
+        elif fence is None:
+            atx = _MD_ATX.match(line)
+            setext = _MD_SETEXT.match(line)
+            if atx:
+                flush()
+                headings.push(len(atx.group(1)), atx.group(2))
+                continue
+            if setext and lines and lines[-1].strip() and not _MD_SETEXT.match(lines[-1]):
+                title = lines.pop()
+                flush()
+                headings.push(1 if setext.group(1)[0] == "=" else 2, title.strip())
+                continue
+        lines.append(line)
+    flush()
+    return sections
