@@ -73,7 +73,8 @@ def split_sections(
 def split_text(text: str, config: SplitConfig | None = None) -> list[str]:
     """The chunks of one text: each at most `chunk_size` characters, stripped, none empty."""
     config = config or SplitConfig()
-    pieces = _pieces(text, config.chunk_size, 0)
+    # Pieces leave room for a full overlap, so every chunk after the first can have one.
+    pieces = _pieces(text, config.chunk_size - config.overlap, 0)
     return [chunk.strip() for chunk in _pack(pieces, config) if chunk.strip()]
 
 
@@ -128,13 +129,15 @@ def _pack(pieces: Iterable[tuple[str, int]], config: SplitConfig) -> list[str]:
 def _tail(text: str, size: int) -> str:
     """The last `size` characters or fewer, begun after a sentence end if the tail holds one,
     else after a clause mark or a space, else wherever `size` falls."""
-    if size <= 0:
+    body = text.rstrip()  # the separator after the last piece stays, outside the count
+    separator = text[len(body) :]
+    if size <= 0 or not body:
         return ""
-    tail = text[-size:]
-    if len(tail) == len(text):
-        return tail
+    tail = body[-size:]
+    if len(tail) == len(body):
+        return tail + separator
     for boundary in _TAIL_BOUNDARIES:
         match = boundary.search(tail)
         if match and match.end() < len(tail):
-            return tail[match.end() :]
-    return tail
+            return tail[match.end() :] + separator
+    return tail + separator
