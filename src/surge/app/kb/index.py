@@ -1,20 +1,30 @@
 """Hybrid retrieval over one knowledge base: BM25 and cosine similarity, fused.
 
 A `KnowledgeIndex` is built once from the chunks' stored tokens and embeddings (see
-`store.IndexCache`) and then only read: searching is two full scans (BM25 postings, one
-matrix-vector product) and a sort, done in a worker thread by `search`.
+`store.IndexCache`) and then only read: searching is a few array operations per query term
+(BM25 postings), one matrix-vector product and a sort, done in a worker thread by `search`.
 
-Fusion is reciprocal rank fusion by default: score = Σ 1 / (k + rank) over the two rankings,
-with k = 60 as in Cormack, Clarke and Büttcher (SIGIR 2009), where it was found robust across
-collections; a large k keeps one ranker's first place from outweighing agreement between both.
-A chunk no query term matches has no BM25 rank. The other fusion offered, `MIX`, averages the
-two scores after min-max normalizing each over the candidates; on the golden set in
-tests/app_kb RRF scored as well or better (the test prints both), hence the default.
+Candidates are the union of BM25's and the vectors' top `num_candidates`. Two fusions:
 
-Fused scores rank; they don't say whether anything relevant was found. Each hit also carries
-two scores that do mean the same in every knowledge base: the cosine similarity and the
-keyword coverage (the share of the query's idf mass the chunk contains). `cite.select_relevant`
-thresholds those."""
+- `MIX` (the default): 0.5 × cosine similarity + 0.5 × keyword coverage, where coverage is
+  the share of the query's idf mass the chunk contains (BM25's evidence, normalized to 0-1 the
+  same way in every knowledge base). Both parts are absolute, so the fused score also is.
+- `RRF`: reciprocal rank fusion, Σ 1 / (k + rank) over the two rankings with k = 60 (Cormack,
+  Clarke and Büttcher, SIGIR 2009, found 60 robust across collections; a large k keeps one
+  ranker's first place from outweighing agreement between both). A chunk no query term
+  matches has no BM25 rank.
+
+Measured on the golden set in tests/app_kb (44 questions, all-MiniLM-L6-v2; the test prints the
+table): hit@1 / hit@3 are 0.84 / 0.93 with MIX and 0.66 / 0.86 with RRF (BM25 alone 0.64 /
+0.64, vectors alone 0.61 / 0.75). RRF loses on paraphrased questions: a chunk that shares
+one common word with the question gets a BM25 rank, and RRF lets that rank, however weak the
+match, outvote the vectors' first choice; MIX weighs how much of the question matched. The
+weight is not tuned: 0.4 and 0.5 scored the same, 0.3 to 0.7 within 0.05. Chunks are embedded
+without their heading (with it: hit@3 0.86-0.89 instead of 0.91-0.93), while their BM25 tokens
+include it (`indexed_text`).
+
+Each hit carries both absolute scores (cosine, coverage) so `cite.select_relevant` can
+decide whether anything relevant was found at all."""
 
 from __future__ import annotations
 
@@ -73,8 +83,8 @@ class Hit:
 
 
 def indexed_text(heading: str | None, text: str) -> str:
-    """What is embedded and tokenized for a chunk: its heading path too, which often names
-    the topic the chunk's own sentences leave implicit."""
+    """What is tokenized for BM25: the chunk with its heading path, which often names the
+    topic the chunk's own sentences leave implicit."""
     return f"{heading}\n{text}" if heading else text
 
 
