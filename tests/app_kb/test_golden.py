@@ -23,6 +23,7 @@ import pytest
 from surge.app.kb import store
 from surge.app.kb.blobs import BlobStore
 from surge.app.kb.bm25 import tokenize
+from surge.app.kb.cache import IndexCache
 from surge.app.kb.cite import build_prompt, question_language, select_relevant
 from surge.app.kb.index import Fusion, Hit, KnowledgeIndex, SearchMode, indexed_text
 from surge.app.kb.ingest import Ingestor
@@ -87,7 +88,7 @@ def golden(tmp_path_factory: pytest.TempPathFactory) -> Golden:
             async with sessions() as session:
                 documents = await store.list_documents(session, kb.id)
             assert {d.status for d in documents} == {store.DocumentStatus.DONE}
-            return await store.IndexCache(sessions).get(kb.id)
+            return await IndexCache(sessions).get(kb.id)
         finally:
             await ingestor.close()
             await engine.dispose()

@@ -15,10 +15,11 @@ from sqlalchemy import func, select
 
 from surge.app.kb import ingest, store
 from surge.app.kb.blobs import BlobStore
+from surge.app.kb.cache import IndexCache
 from surge.app.kb.index import search
 from surge.app.kb.ingest import IngestConfig, Ingestor
 from surge.app.kb.parse import FileTooLarge, ParseLimits, UnsupportedFileType
-from surge.app.kb.store import ChunkRow, Document, DocumentStatus, IndexCache, Visibility
+from surge.app.kb.store import ChunkRow, Document, DocumentStatus, Visibility
 from tests.app_kb.conftest import fake_embed, open_store
 
 MANUAL = (

@@ -1,7 +1,7 @@
 """Hybrid retrieval over one knowledge base: BM25 and cosine similarity, fused.
 
 A `KnowledgeIndex` is built once from the chunks' stored tokens and embeddings (see
-`store.IndexCache`) and then only read: searching is a few array operations per query term
+`cache.IndexCache`) and then only read: searching is a few array operations per query term
 (BM25 postings), one matrix-vector product and a sort, done in a worker thread by `search`.
 
 Candidates are the union of BM25's and the vectors' top `num_candidates`. Two fusions:

@@ -13,12 +13,10 @@ import enum
 import io
 import re
 import zipfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 
-from bs4 import BeautifulSoup, NavigableString, Tag
-
-MAX_HEADING_CHARS = 300
+from surge.app.kb.markup import parse_html, parse_markdown
+from surge.app.kb.sections import HeadingPath, Section, clean_text
 
 
 class ParseError(ValueError):
@@ -64,15 +62,6 @@ class ParseLimits:
     max_chars: int = 50_000_000  # the extracted text
 
 
-@dataclass(frozen=True, slots=True)
-class Section:
-    """A stretch of text under one heading (and on one page, for a PDF)."""
-
-    text: str
-    page: int | None = None  # 1-based, PDFs only
-    heading: str | None = None  # the heading path, "Chapter > Section"
-
-
 def parse_document(
     file_name: str, data: bytes, *, limits: ParseLimits | None = None
 ) -> list[Section]:
@@ -88,9 +77,9 @@ def parse_document(
         return _parse_docx(data, limits, budget)
     text = budget.take(_decode(data))
     if kind is FileType.HTML:
-        return _parse_html(text)
+        return parse_html(text)
     if kind is FileType.MD:
-        return _parse_markdown(text)
+        return parse_markdown(text)
     cleaned = clean_text(text)
     return [Section(cleaned)] if cleaned else []
 
@@ -118,17 +107,6 @@ def detect_type(file_name: str, data: bytes) -> FileType:
     return FileType.HTML if head.startswith((b"<!doctype html", b"<html")) else FileType.TXT
 
 
-def clean_text(text: str) -> str:
-    """Unix newlines, no control characters or trailing spaces, at most one blank line."""
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    text = _CONTROL.sub("", text)
-    text = _TRAILING_SPACE.sub("\n", text)
-    return _BLANK_LINES.sub("\n\n", text).strip()
-
-
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\u200b\ufeff]")
-_TRAILING_SPACE = re.compile(r"[ \t\u3000]+\n")
-_BLANK_LINES = re.compile(r"\n{3,}")
 # Magic numbers of common binary files that are neither PDF nor docx.
 _BINARY_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"\x7fELF", b"MZ", b"\x1f\x8b", b"BZh")
 
@@ -145,22 +123,6 @@ class _Budget:
         if self.left < 0:
             raise FileTooLarge(f"the text is longer than {self.max_chars} characters")
         return text
-
-
-class _HeadingPath:
-    """The open headings, outermost first; a heading closes those at its level or deeper."""
-
-    def __init__(self) -> None:
-        self._stack: list[tuple[int, str]] = []
-
-    def push(self, level: int, title: str) -> None:
-        while self._stack and self._stack[-1][0] >= level:
-            self._stack.pop()
-        self._stack.append((level, " ".join(title.split())[:MAX_HEADING_CHARS]))
-
-    @property
-    def current(self) -> str | None:
-        return " > ".join(title for _, title in self._stack)[:MAX_HEADING_CHARS] or None
 
 
 def _looks_binary(data: bytes) -> bool:
@@ -219,7 +181,7 @@ def _parse_pdf(data: bytes, limits: ParseLimits, budget: _Budget) -> list[Sectio
 def _pdf_outline(reader) -> dict[int, str]:  # type: ignore[no-untyped-def]
     """The outline's deepest title starting on each page (0-based); {} if it has none."""
     starts: dict[int, str] = {}
-    path = _HeadingPath()
+    path = HeadingPath()
 
     def walk(items: list, level: int) -> None:  # type: ignore[type-arg]
         for item in items:
@@ -242,6 +204,8 @@ def _parse_docx(data: bytes, limits: ParseLimits, budget: _Budget) -> list[Secti
     import docx  # python-docx: a heavy import, needed only here
     from docx.table import Table
 
+    # The declared sizes are binding: zipfile stops inflating a member at its declared size
+    # (and fails its CRC if the data goes on), so a lying header can't smuggle in more.
     with zipfile.ZipFile(io.BytesIO(data)) as zf:  # headers first: nothing inflated yet
         unpacked = sum(info.file_size for info in zf.infolist())
     if unpacked > limits.max_unpacked_bytes:
@@ -253,7 +217,7 @@ def _parse_docx(data: bytes, limits: ParseLimits, budget: _Budget) -> list[Secti
     except Exception as exc:  # python-docx raises a variety (KeyError, lxml errors...)
         raise ParseError(f"cannot read the docx: {exc}") from exc
     sections: list[Section] = []
-    headings = _HeadingPath()
+    headings = HeadingPath()
     lines: list[str] = []
 
     def flush() -> None:
@@ -302,122 +266,3 @@ def _table_text(table) -> str:  # type: ignore[no-untyped-def]
         if cells:
             rows.append(" | ".join(cells))
     return "\n".join(rows)
-
-
-_HTML_SKIP = frozenset(
-    "script style noscript template head svg canvas iframe object embed button select "
-    "textarea input nav".split()
-)
-_HTML_BLOCK = frozenset(
-    "p div section article main aside header footer li ul ol dl dt dd tr table blockquote "
-    "pre figure figcaption form address br hr".split()
-)
-_HTML_HEADINGS = {f"h{level}": level for level in range(1, 7)}
-
-
-def _parse_html(text: str) -> list[Section]:
-    """Visible text; h1-h6 start sections, block elements end paragraphs."""
-    soup = BeautifulSoup(text, "html.parser")
-    headings = _HeadingPath()
-    title = soup.title.get_text(" ", strip=True) if soup.title else ""
-    if title:
-        headings.push(0, title)
-    sections: list[Section] = []
-    parts: list[str] = []
-
-    def flush() -> None:
-        body = clean_text(_join_html_text(parts))
-        if body:
-            sections.append(Section(body, heading=headings.current))
-        parts.clear()
-
-    for event, node in _html_events(soup.body or soup):
-        if event == "heading":
-            flush()
-            headings.push(_HTML_HEADINGS[node.name], node.get_text(" ", strip=True))
-        elif event == "break":
-            parts.append("\n\n")
-        else:
-            parts.append(str(node))
-    flush()
-    return sections
-
-
-def _html_events(root: Tag) -> Iterator[tuple[str, Tag | NavigableString]]:
-    """("text", s), ("break", tag) around blocks and ("heading", h) in document order.
-
-    Iterative: a page nested ten thousand deep must not overflow the stack."""
-    stack: list[tuple[bool, Tag | NavigableString]] = [(False, child) for child in root.children]
-    stack.reverse()
-    while stack:
-        closing, node = stack.pop()
-        if closing:
-            yield "break", node  # type: ignore[misc]
-            continue
-        if isinstance(node, NavigableString):
-            if type(node) is NavigableString:  # not a Comment, CData, Doctype...
-                yield "text", node
-            continue
-        if not isinstance(node, Tag) or node.name in _HTML_SKIP or _html_hidden(node):
-            continue
-        if node.name in _HTML_HEADINGS:
-            yield "heading", node
-            continue
-        if node.name in _HTML_BLOCK:
-            yield "break", node
-            stack.append((True, node))
-        stack.extend((False, child) for child in reversed(list(node.children)))
-
-
-def _html_hidden(tag: Tag) -> bool:
-    if tag.has_attr("hidden") or tag.get("aria-hidden") == "true":
-        return True
-    style = str(tag.get("style", "")).replace(" ", "").lower()
-    return "display:none" in style or "visibility:hidden" in style
-
-
-def _join_html_text(parts: list[str]) -> str:
-    """HTML whitespace collapses to one space; the paragraph breaks we inserted survive."""
-    text = "".join(parts)
-    paragraphs = (" ".join(block.split()) for block in text.split("\n\n"))
-    return "\n\n".join(p for p in paragraphs if p)
-
-
-_MD_ATX = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.*?)(?:[ \t]+#+)?[ \t]*$")
-_MD_SETEXT = re.compile(r"^ {0,3}(=+|-+)[ \t]*$")
-_MD_FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
-
-
-def _parse_markdown(text: str) -> list[Section]:
-    """ATX (`# Title`) and setext (underlined) headings start sections; fenced code is body."""
-    sections: list[Section] = []
-    headings = _HeadingPath()
-    lines: list[str] = []
-    fence: str | None = None
-
-    def flush() -> None:
-        body = clean_text("\n".join(lines))
-        if body:
-            sections.append(Section(body, heading=headings.current))
-        lines.clear()
-
-    for line in text.replace("\r\n", "\n").split("\n"):
-        fence_match = _MD_FENCE.match(line)
-        if fence_match:
-            marker = fence_match.group(1)[0] * 3
-            fence = marker if fence is None else (None if marker == fence else fence)
-        elif fence is None:
-            atx = _MD_ATX.match(line)
-            setext = _MD_SETEXT.match(line)
-            if atx:
-                flush()
-                headings.push(len(atx.group(1)), atx.group(2))
-                continue
-            if setext and lines and lines[-1].strip() and not _MD_SETEXT.match(lines[-1]):
-                title = lines.pop()
-                flush()
-                headings.push(1 if setext.group(1)[0] == "=" else 2, title.strip())
-                continue
-        lines.append(line)
-    flush()
-    return sections

@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from surge.app.kb.parse import Section
+from surge.app.kb.sections import Section
 
 DEFAULT_CHUNK_SIZE = 500
 DEFAULT_OVERLAP = 80

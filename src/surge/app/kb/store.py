@@ -1,16 +1,13 @@
-"""Knowledge-base tables, the functions that change them, and the in-memory index cache.
+"""Knowledge-base tables and the functions that read and change them.
 
 Every change that alters what a knowledge base retrieves (a document finished, deleted or
-reset) bumps the knowledge base's `index_version` in the same transaction; `IndexCache` reads
-that number before each use and rebuilds on a mismatch, so it stays right even when several
-app processes share one database. Access rules live here too (`can_read`, `can_write`), so
-routes check them in one place."""
+reset) bumps the knowledge base's `index_version` in the same transaction, which is how
+`cache.IndexCache` knows to rebuild, even when several app processes share one database.
+Access rules live here too (`can_read`, `can_write`), so routes check them in one place."""
 
 from __future__ import annotations
 
-import asyncio
 import enum
-from collections import OrderedDict
 from collections.abc import Sequence
 from datetime import datetime, timezone
 
@@ -31,11 +28,10 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
 from surge.app.db import Base
-from surge.app.kb.index import KnowledgeIndex, Passage
 from surge.app.kb.split import DEFAULT_CHUNK_SIZE, DEFAULT_OVERLAP, Chunk, SplitConfig
 
 # The accounts tables belong to another module; refer to `users.id` with a real foreign key only
@@ -344,84 +340,3 @@ async def _bump_version(session: AsyncSession, kb_id: int | None) -> None:
         .where(KnowledgeBase.id == kb_id)
         .values(index_version=KnowledgeBase.index_version + 1)
     )
-
-
-class IndexCache:
-    """Each knowledge base's `KnowledgeIndex`, built on first use and rebuilt after a change.
-
-    Holds the `max_entries` most recently used; a build runs in a worker thread, and
-    concurrent requests for the same knowledge base share one build."""
-
-    def __init__(self, sessions: async_sessionmaker, max_entries: int = 32) -> None:  # type: ignore[type-arg]
-        self._sessions = sessions
-        self._max_entries = max_entries
-        self._entries: OrderedDict[int, tuple[int, KnowledgeIndex]] = OrderedDict()
-        self._locks: dict[int, asyncio.Lock] = {}
-
-    async def get(self, kb_id: int) -> KnowledgeIndex:
-        """The current index of a knowledge base; LookupError if there is no such one."""
-        version = await self._version(kb_id)
-        entry = self._entries.get(kb_id)
-        if entry is not None and entry[0] == version:
-            self._entries.move_to_end(kb_id)
-            return entry[1]
-        async with self._locks.setdefault(kb_id, asyncio.Lock()):
-            entry = self._entries.get(kb_id)
-            if entry is not None and entry[0] >= version:  # built while we waited
-                return entry[1]
-            version, rows = await self._load(kb_id)
-            index = await asyncio.to_thread(_build_index, rows)
-            self._entries[kb_id] = (version, index)
-            self._entries.move_to_end(kb_id)
-            while len(self._entries) > self._max_entries:
-                self._entries.popitem(last=False)
-            return index
-
-    def invalidate(self, kb_id: int) -> None:
-        """Forget a knowledge base's index (the version check makes this optional)."""
-        self._entries.pop(kb_id, None)
-
-    async def _version(self, kb_id: int) -> int:
-        async with self._sessions() as session:
-            version = await session.scalar(
-                select(KnowledgeBase.index_version).where(KnowledgeBase.id == kb_id)
-            )
-        if version is None:
-            raise LookupError(f"no knowledge base {kb_id}")
-        return version
-
-    async def _load(self, kb_id: int) -> tuple[int, list[tuple]]:  # type: ignore[type-arg]
-        """The version and the DONE chunks, read in one transaction (a consistent snapshot)."""
-        async with self._sessions() as session, session.begin():
-            version = await session.scalar(
-                select(KnowledgeBase.index_version).where(KnowledgeBase.id == kb_id)
-            )
-            if version is None:
-                raise LookupError(f"no knowledge base {kb_id}")
-            result = await session.execute(
-                select(
-                    ChunkRow.id,
-                    ChunkRow.document_id,
-                    Document.file_name,
-                    ChunkRow.page,
-                    ChunkRow.heading,
-                    ChunkRow.text,
-                    ChunkRow.tokens,
-                    ChunkRow.embedding,
-                )
-                .join(Document, Document.id == ChunkRow.document_id)
-                .where(ChunkRow.kb_id == kb_id, Document.status == DocumentStatus.DONE)
-                .order_by(ChunkRow.document_id, ChunkRow.ordinal)
-            )
-            return version, [tuple(row) for row in result.all()]
-
-
-def _build_index(rows: list[tuple]) -> KnowledgeIndex:  # type: ignore[type-arg]
-    """CPU work (BM25 postings, the embedding matrix): run in a worker thread."""
-    passages = [Passage(*row[:6]) for row in rows]
-    tokens = [row[6].split() for row in rows]
-    vectors = [np.frombuffer(row[7], dtype=np.float32) for row in rows]
-    if len({len(v) for v in vectors}) > 1:
-        raise ValueError("chunks have embeddings of different sizes: re-index the documents")
-    matrix = np.stack(vectors) if vectors else np.zeros((0, 0), dtype=np.float32)
-    return KnowledgeIndex(passages, tokens, matrix)
