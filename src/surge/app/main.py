@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from surge.app import accounts, admin, chat, conversations
+from surge.app import accounts, admin, chat, conversations, pages
 from surge.app.config import AppConfig
 from surge.app.db import create_schema, make_engine, make_sessions
 from surge.app.deps import AppState
@@ -18,8 +18,9 @@ from surge.app.upstream import Upstream, make_client
 
 
 def create_app(config: AppConfig, *, clock: Callable[[], float] = time.monotonic) -> FastAPI:
-    """The app: accounts, conversations and chat under /api. `clock` drives the rate limiter
-    (tests pass a fake one instead of sleeping)."""
+    """The app: accounts, conversations and chat under /api (documented at /api/docs), the
+    browser UI at / and /static/. `clock` drives the rate limiter (tests pass a fake one instead
+    of sleeping)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -41,7 +42,13 @@ def create_app(config: AppConfig, *, clock: Callable[[], float] = time.monotonic
             await client.aclose()
             await engine.dispose()
 
-    app = FastAPI(title="surge app", lifespan=lifespan)
+    app = FastAPI(
+        title="surge app",
+        lifespan=lifespan,
+        docs_url="/api/docs",
+        openapi_url="/api/openapi.json",
+        redoc_url=None,
+    )
     app.add_exception_handler(AppError, app_error_handler)
     for module in (accounts, admin, conversations, chat):
         app.include_router(module.router)
@@ -50,13 +57,15 @@ def create_app(config: AppConfig, *, clock: Callable[[], float] = time.monotonic
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
+    pages.add_pages(app)
     return app
 
 
 def mount_app(parent: FastAPI, app: FastAPI, path: str = "/") -> None:
-    """Serve `app` inside `parent` (how `surge serve` will host it): Starlette runs no lifespan
-    of a mounted app, so `parent`'s lifespan is wrapped to run the app's too. Call it after
-    `parent`'s own routes are added: a mount at "/" takes every path they don't match."""
+    """Serve `app` inside `parent` (how `surge serve` hosts it): Starlette runs no lifespan of a
+    mounted app, so `parent`'s lifespan is wrapped to run the app's too. At "/" the app takes
+    only its own paths (/, /api/..., /static/...: pages.owns_path) and the parent keeps every
+    other, its 404s and 405s included."""
     parent_lifespan = parent.router.lifespan_context
 
     @asynccontextmanager
@@ -65,4 +74,7 @@ def mount_app(parent: FastAPI, app: FastAPI, path: str = "/") -> None:
             yield state
 
     parent.router.lifespan_context = lifespan
-    parent.mount(path.rstrip("/") or "", app)
+    if path.rstrip("/"):
+        parent.mount(path.rstrip("/"), app)
+    else:
+        parent.router.routes.append(pages.OwnedPathsRoute(app))

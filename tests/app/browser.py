@@ -1,0 +1,112 @@
+"""A real browser for the app's tests: Debian's Chromium driven by Playwright.
+
+The project installs the browser itself: `/usr/bin/chromium` if it is there, else
+`apt-get install -y chromium` (as root, non-interactive). Playwright (the `playwright` package of
+the [test] extra) drives it through `executable_path`; `playwright install` (a browser download)
+is never run. Where neither is possible the browser tests skip and say why.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, Page
+
+CHROMIUM_PATHS = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
+APT_TIMEOUT_S = 900
+
+
+def _found() -> str | None:
+    return next((p for p in CHROMIUM_PATHS if Path(p).exists()), None)
+
+
+def _apt_get(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    return subprocess.run(
+        ["apt-get", *args],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=APT_TIMEOUT_S,
+        check=False,
+    )
+
+
+def apt_install(*packages: str) -> str | None:
+    """`apt-get install -y PACKAGES` (after `apt-get update` if the first try fails); None when
+    it worked, else why not."""
+    if shutil.which("apt-get") is None:
+        return "there is no apt-get here"
+    if os.geteuid() != 0:
+        return "apt-get install needs root"
+    result = _apt_get("install", "-y", "--no-install-recommends", *packages)
+    if result.returncode != 0:  # an old or missing package list: refresh it once
+        _apt_get("update")
+        result = _apt_get("install", "-y", "--no-install-recommends", *packages)
+    if result.returncode != 0:
+        return f"apt-get install {' '.join(packages)} failed: {result.stderr.strip()[-500:]}"
+    return None
+
+
+def chromium_path() -> str:
+    """Debian's Chromium, installed if missing; pytest.skip with the reason if it can't be."""
+    found = _found()
+    if found:
+        return found
+    problem = apt_install("chromium")
+    found = _found()
+    if found is None:
+        pytest.skip(f"no Chromium at {CHROMIUM_PATHS[0]} and it can't be installed: {problem}")
+    return found
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Iterator[Browser]:
+    """One headless Chromium for the session (each test opens its own contexts)."""
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="the playwright package (the [test] extra) is missing"
+    )
+    path = chromium_path()
+    with sync_api.sync_playwright() as playwright:
+        # as root, Chromium's sandbox can't start; the pages are our own test app
+        browser = playwright.chromium.launch(
+            executable_path=path, headless=True, args=["--no-sandbox"]
+        )
+        yield browser
+        browser.close()
+
+
+PageFactory = Callable[..., "Page"]
+
+
+@pytest.fixture
+def open_page(chromium: Browser) -> Iterator[PageFactory]:
+    """New pages, each in its own browser context (its own cookies: one user each). Any
+    dialog (alert, confirm) is recorded on `page.dialogs` and dismissed; page errors on
+    `page.errors`."""
+    contexts = []
+
+    def new(url: str, locale: str = "en-US") -> Page:
+        context = chromium.new_context(locale=locale)
+        context.set_default_timeout(10_000)
+        contexts.append(context)
+        page = context.new_page()
+        page.dialogs = []  # type: ignore[attr-defined]
+        page.errors = []  # type: ignore[attr-defined]
+        page.on("dialog", lambda d: (page.dialogs.append(d.message), d.dismiss()))  # type: ignore[attr-defined]
+        page.on("pageerror", lambda e: page.errors.append(str(e)))  # type: ignore[attr-defined]
+        page.goto(url)
+        return page
+
+    yield new
+    for context in contexts:
+        context.close()
