@@ -166,6 +166,29 @@ def test_cancel_a_running_and_a_queued_job(data_dir: Path) -> None:
     run(data_dir, body, embed=gated_embed, max_concurrent_jobs=1)
 
 
+def test_a_waiter_giving_up_leaves_the_job_running(data_dir: Path) -> None:
+    started = asyncio.Event()
+    release = asyncio.Event()
+
+    async def gated_embed(texts: list[str]) -> np.ndarray:
+        started.set()
+        await release.wait()
+        return await fake_embed(texts)
+
+    async def body(h: Harness) -> None:
+        upload = await h.ingestor.add(h.kb_id, "notes.txt", NOTES)
+        await started.wait()
+        impatient = asyncio.create_task(h.ingestor.wait(upload.document_id))
+        await asyncio.sleep(0)  # let it start waiting
+        impatient.cancel()
+        await asyncio.gather(impatient, return_exceptions=True)
+        release.set()
+        await h.ingestor.wait(upload.document_id)
+        assert (await h.document(upload.document_id)).status is DocumentStatus.DONE
+
+    run(data_dir, body, embed=gated_embed)
+
+
 def test_failures_are_recorded_or_refused_up_front(data_dir: Path) -> None:
     async def flaky_embed(texts: list[str]) -> np.ndarray:
         if any("八十" in text for text in texts):
@@ -181,11 +204,26 @@ def test_failures_are_recorded_or_refused_up_front(data_dir: Path) -> None:
         assert broken.status is DocumentStatus.FAILED and "PDF" in (broken.error or "")
         failed = await h.document(unreachable.document_id)
         assert failed.status is DocumentStatus.FAILED and "503" in (failed.error or "")
+        blank = await h.ingestor.add(h.kb_id, "blank.txt", b"  \n\n ")
+        await h.ingestor.wait(blank.document_id)
+        empty = await h.document(blank.document_id)
+        assert empty.status is DocumentStatus.FAILED and "no text" in (empty.error or "")
         with pytest.raises(UnsupportedFileType):
             await h.ingestor.add(h.kb_id, "photo.png", b"\x89PNG\r\n\x1a\n\x00\x00")
         with pytest.raises(FileTooLarge):
             await h.ingestor.add(h.kb_id, "big.txt", b"x" * 2048)
-        assert h.num_files() == 2  # the refused files were not stored
+        with pytest.raises(Exception, match="FOREIGN KEY"):
+            await h.ingestor.add(h.kb_id + 999, "orphan.txt", b"no such knowledge base")
+        assert h.num_files() == 3  # the refused files were not stored
+
+        lost = await h.ingestor.add(h.kb_id, "lost.txt", b"stored, then lost")
+        h.blobs.path(h.blobs.put(b"stored, then lost")).unlink()  # before its job reads it
+        await h.ingestor.wait(lost.document_id)
+        missing = await h.document(lost.document_id)
+        assert missing.status is DocumentStatus.FAILED
+        assert str(h.data_dir) not in (missing.error or "") and "upload it again" in (
+            missing.error or ""
+        )
 
     run(data_dir, body, embed=flaky_embed, limits=ParseLimits(max_bytes=1024))
 

@@ -109,9 +109,14 @@ class Ingestor:
         detect_type(file_name, data)
         sha256 = await asyncio.to_thread(self._blobs.put, data)
         async with self._sessions() as session:
-            document, created = await store.add_document(
-                session, kb_id=kb_id, file_name=file_name, sha256=sha256, size_bytes=len(data)
-            )
+            try:
+                document, created = await store.add_document(
+                    session, kb_id=kb_id, file_name=file_name, sha256=sha256, size_bytes=len(data)
+                )
+            except Exception:  # e.g. no such knowledge base: leave no orphan file behind
+                if not await store.is_file_used(session, sha256):
+                    await asyncio.to_thread(self._blobs.delete, sha256)
+                raise
         if not created and document.status in (DocumentStatus.FAILED, DocumentStatus.CANCELLED):
             await self.reindex(document.id)  # uploading it again is asking to retry
         elif created:
@@ -200,7 +205,7 @@ class Ingestor:
     async def _wait_quietly(self, document_id: int) -> None:
         task = self._tasks.get(document_id)
         if task is not None:
-            await asyncio.gather(task, return_exceptions=True)
+            await asyncio.wait([task])  # unlike gather, a cancelled waiter leaves the job be
 
     async def _run(self, document_id: int, previous: asyncio.Task[None] | None) -> None:
         """One job, start to end; every way out leaves the document in a truthful state."""
@@ -242,12 +247,22 @@ class Ingestor:
             self._executor, _prepare, document.file_name, data, split, self.config.limits
         )
         del data
+        if not chunks:
+            raise ValueError("no text found in the file (a scanned PDF holds only images)")
         await self._progress(document_id, PREPARED_PROGRESS)
         embeddings = await self._embed_chunks(document_id, chunks)
-        async with self._sessions() as session:  # the final write completes even if cancelled
-            await asyncio.shield(
-                store.save_chunks(session, document_id, chunks, tokens, embeddings)
-            )
+        # Shielded, session and all: the final write completes even if a cancel comes now.
+        await asyncio.shield(self._save(document_id, chunks, tokens, embeddings))
+
+    async def _save(
+        self,
+        document_id: int,
+        chunks: list[Chunk],
+        tokens: list[list[str]],
+        embeddings: np.ndarray,
+    ) -> None:
+        async with self._sessions() as session:
+            await store.save_chunks(session, document_id, chunks, tokens, embeddings)
 
     async def _embed_chunks(self, document_id: int, chunks: list[Chunk]) -> np.ndarray:
         """Embeddings of every chunk, `embed_batch_size` at a time, with progress."""
@@ -279,6 +294,8 @@ class Ingestor:
 
 
 def _describe(exc: Exception) -> str:
-    """A failure as the user sees it on the document."""
+    """A failure as the user sees it on the document (no server paths)."""
+    if isinstance(exc, OSError):
+        return "the stored file could not be read: upload it again"
     text = str(exc) or type(exc).__name__
     return text[:MAX_ERROR_CHARS]
