@@ -34,11 +34,6 @@ from sqlalchemy.orm import Mapped, mapped_column
 from surge.app.db import Base
 from surge.app.kb.split import DEFAULT_CHUNK_SIZE, DEFAULT_OVERLAP, Chunk, SplitConfig
 
-# The accounts tables belong to another module; refer to `users.id` with a real foreign key only
-# when that table is already declared, else keep a plain indexed integer (create_all would
-# fail on a key to a table it doesn't know).
-_OWNER_KEY = (ForeignKey("users.id"),) if "users" in Base.metadata.tables else ()
-
 
 def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
@@ -72,7 +67,10 @@ class KnowledgeBase(Base):
     __tablename__ = "knowledge_bases"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    owner_id: Mapped[int] = mapped_column(Integer, *_OWNER_KEY, index=True)
+    # `users.id`, as a plain indexed integer rather than a foreign key: a key declared only
+    # when the accounts module happened to be imported first would make the schema depend on
+    # import order. Routes take the owner from the logged-in user, who exists.
+    owner_id: Mapped[int] = mapped_column(Integer, index=True)
     name: Mapped[str] = mapped_column(String(200))
     description: Mapped[str] = mapped_column(Text, default="")
     visibility: Mapped[Visibility] = mapped_column(
