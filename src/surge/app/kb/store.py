@@ -24,6 +24,7 @@ from sqlalchemy import (
     UniqueConstraint,
     delete,
     func,
+    insert,
     or_,
     select,
     update,
@@ -314,19 +315,21 @@ async def save_chunks(
         return False
     kb_id = await session.scalar(select(Document.kb_id).where(Document.id == document_id))
     vectors = np.ascontiguousarray(embeddings, dtype=np.float32)
-    session.add_all(
-        ChunkRow(
-            document_id=document_id,
-            kb_id=kb_id,
-            ordinal=chunk.ordinal,
-            text=chunk.text,
-            page=chunk.page,
-            heading=chunk.heading,
-            tokens=" ".join(chunk_tokens),
-            embedding=vectors[i].tobytes(),
-        )
+    rows = [
+        {
+            "document_id": document_id,
+            "kb_id": kb_id,
+            "ordinal": chunk.ordinal,
+            "text": chunk.text,
+            "page": chunk.page,
+            "heading": chunk.heading,
+            "tokens": " ".join(chunk_tokens),
+            "embedding": vectors[i].tobytes(),
+        }
         for i, (chunk, chunk_tokens) in enumerate(zip(chunks, tokens, strict=True))
-    )
+    ]
+    if rows:  # one executemany, not an ORM object per chunk
+        await session.execute(insert(ChunkRow), rows)
     await _bump_version(session, kb_id)
     await session.commit()
     return True
