@@ -14,6 +14,7 @@ from surge.config import EngineConfig, ReplicaConfig, ServerConfig, SupervisorCo
 
 if TYPE_CHECKING:
     from surge.server.models import ServedModels
+    from surge.server.web_ui import UIConfig
 
 logger = logging.getLogger("surge")
 
@@ -237,6 +238,7 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         default=d.unload_grace,
         help="seconds an unloading model's in-flight requests may take",
     )
+    add_web_app_args(parser)
     r = ReplicaConfig()
     replicas = parser.add_argument_group("replicas (several engine cores per chat model)")
     replicas.add_argument(
@@ -294,6 +296,42 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         help="restarts within --engine-restart-window before giving up (then /ready stays 503)",
     )
     parser.add_argument("--engine-restart-window", type=float, default=s.restart_window)
+
+
+def add_web_app_args(parser: argparse.ArgumentParser) -> None:
+    """The web app that `surge serve` serves at / (accounts, chat): where its data lives."""
+    ui = parser.add_argument_group("web app (served at /)")
+    ui.add_argument("--no-ui", action="store_true", help="serve the API only, no web app at /")
+    ui.add_argument(
+        "--data-dir",
+        default=None,
+        help="the web app's users and conversations (default $XDG_DATA_HOME/surge, else "
+        "~/.local/share/surge)",
+    )
+    ui.add_argument(
+        "--database-url",
+        default=None,
+        help="the web app's store on a database server instead of SQLite in --data-dir, e.g. "
+        "postgresql+asyncpg://user:pass@host/surge",
+    )
+    ui.add_argument(
+        "--secure-cookies", action="store_true", help="behind HTTPS: the app's cookies are Secure"
+    )
+
+
+def ui_config_from_args(args: argparse.Namespace) -> UIConfig | None:
+    """The web app's settings, or None with --no-ui."""
+    if args.no_ui:
+        return None
+    from pathlib import Path
+
+    from surge.app.config import default_data_dir
+    from surge.server.web_ui import UIConfig
+
+    if args.port == 0:
+        raise ValueError("the web app must know the server's port: give --port, or --no-ui")
+    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+    return UIConfig(data_dir, args.database_url, args.secure_cookies)
 
 
 def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -401,6 +439,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         models = served_models_from_args(args)
+        ui = ui_config_from_args(args)
         engine_config, server_config = engine_config_from_args(args), server_config_from_args(args)
         for spec in models.specs:  # refuse replicas that can't be placed before loading anything
             if spec.kind is ModelKind.CHAT and spec.name in models.startup:
@@ -409,7 +448,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as e:
         logger.error("%s", e)
         return 2
-    return run_server(engine_config, server_config, models)
+    return run_server(engine_config, server_config, models, ui)
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
@@ -502,14 +541,14 @@ def cmd_app(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from surge.app.config import AppConfig
+    from surge.app.config import AppConfig, default_data_dir
     from surge.app.main import create_app
 
     try:
         config = AppConfig(
             api_base=args.api_base,
             api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
-            data_dir=Path(args.data_dir),
+            data_dir=Path(args.data_dir) if args.data_dir else default_data_dir(),
             database_url=args.database_url,
             secure_cookies=args.secure_cookies,
         )
@@ -527,7 +566,9 @@ def add_app_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--api-key", default=None, help=f"key for the model service (default: ${API_KEY_ENV})"
     )
-    p.add_argument("--data-dir", default="surge-app-data", help="the app's store and files")
+    p.add_argument(
+        "--data-dir", default=None, help="the app's store and files (default ~/.local/share/surge)"
+    )
     p.add_argument(
         "--database-url", default=None, help="another store, e.g. postgresql+asyncpg://..."
     )

@@ -12,6 +12,7 @@ from argon2 import PasswordHasher
 from surge.app import security
 from surge.app.config import AppConfig
 from surge.app.main import create_app
+from tests.app.browser import chromium, open_page  # noqa: F401 - the browser tests' fixtures
 from tests.app.fake_upstream import FakeUpstream
 from tests.app.servers import Browser, ServerThread
 

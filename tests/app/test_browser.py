@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from tests.app.browser import PageFactory, chromium, open_page  # noqa: F401 - fixtures
+from tests.app.browser import PageFactory
 from tests.app.conftest import AppFactory
 from tests.app.fake_upstream import FakeUpstream
 
@@ -43,9 +43,7 @@ def last_answer(page: Page):  # type: ignore[no-untyped-def]
     return page.locator(".msg-assistant").last
 
 
-def test_sign_up_chat_with_markdown_and_log_in_again(
-    app_url: str, open_page: PageFactory
-) -> None:
+def test_sign_up_chat_with_markdown_and_log_in_again(app_url: str, open_page: PageFactory) -> None:
     page = open_page(app_url)
     sign_up(page, "alice")
     expect(page.locator(".admin-link")).to_be_visible()  # the first user is the admin
@@ -67,9 +65,7 @@ def test_sign_up_chat_with_markdown_and_log_in_again(
     assert page.errors == []  # type: ignore[attr-defined]
 
 
-def test_stop_closes_the_stream(
-    app_url: str, open_page: PageFactory, fake: FakeUpstream
-) -> None:
+def test_stop_closes_the_stream(app_url: str, open_page: PageFactory, fake: FakeUpstream) -> None:
     fake.stall_closed.clear()
     page = open_page(app_url)
     sign_up(page, "alice")
@@ -132,7 +128,7 @@ def test_a_malicious_answer_is_sanitized(app_url: str, open_page: PageFactory) -
     payload = (
         "<img src=x onerror=alert(1)> <script>alert(2)</script> "
         '<a href="javascript:alert(3)">click</a> <svg onload=alert(4)></svg> '
-        "<iframe src=\"javascript:alert(5)\"></iframe> [md](javascript:alert(6))"
+        '<iframe src="javascript:alert(5)"></iframe> [md](javascript:alert(6))'
     )
     send(page, payload)
     body = last_answer(page).locator(".msg-body")

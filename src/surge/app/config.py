@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from surge.app.db import default_database_url
+
+
+def default_data_dir() -> Path:
+    """Where the app keeps its data unless told (`--data-dir`): $XDG_DATA_HOME/surge, else
+    ~/.local/share/surge; the same for `surge serve` and `surge app`."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "surge"
 
 
 @dataclass(frozen=True)
@@ -18,7 +26,7 @@ class AppConfig:
 
     api_base: str = "http://127.0.0.1:8000/v1"  # the model service, OpenAI-compatible
     api_key: str | None = None  # sent as `Authorization: Bearer` to the model service
-    data_dir: Path = field(default_factory=lambda: Path("surge-app-data"))
+    data_dir: Path = field(default_factory=default_data_dir)
     database_url: str | None = None  # None: SQLite in data_dir
     signup_open: bool = True  # the first user can always sign up (and becomes admin)
     max_requests_per_minute: int = 120  # per user, on the app's own endpoints

@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -43,13 +44,20 @@ from surge.server.protocol import APIError
 from surge.server.reaper import reap_forever
 from surge.server.state import ServerState, StateDep
 
+if TYPE_CHECKING:
+    from surge.server.web_ui import UIConfig
+
 logger = logging.getLogger(__name__)
 
 
 def create_app(
-    engine_config: EngineConfig, server_config: ServerConfig, models: ServedModels | None = None
+    engine_config: EngineConfig,
+    server_config: ServerConfig,
+    models: ServedModels | None = None,
+    ui: UIConfig | None = None,
 ) -> FastAPI:
-    """A FastAPI app that loads its models in the lifespan (default: the bundled chat model)."""
+    """A FastAPI app that loads its models in the lifespan (default: the bundled chat model);
+    with `ui`, the web app at "/" (surge.server.web_ui)."""
     keys = KeyStore.from_config(server_config)  # a bad keys file fails here, before any loading
     models = models or default_served_models(engine_config)
     holder: dict[str, ServerState] = {}
@@ -90,17 +98,27 @@ def create_app(
     app.add_api_route("/ready", ready, methods=["GET"], operation_id="ready")
     app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], operation_id="metrics")
     _add_error_handlers(app)
-    _add_middleware(app, state)
+    if ui is not None:
+        from surge.server.web_ui import add_web_app  # the app's store is imported only if used
+
+        add_web_app(app, keys, server_config, ui)
+    _add_middleware(app, state, with_ui=ui is not None)
     if keys.is_open:
         logger.info("no API key configured: the API is open")
     return app
 
 
-def _add_middleware(app: FastAPI, state: ServerState) -> None:
-    """Outermost last: Host guard, CORS, key + rate check, body limit (see middleware.py)."""
+def _add_middleware(app: FastAPI, state: ServerState, with_ui: bool) -> None:
+    """Outermost last: Host guard, CORS, key + rate check, body limit (see middleware.py). The
+    web app's paths have their own log-in: no key check there."""
     config = state.config
+    skip = None
+    if with_ui:
+        from surge.app.pages import owns_path as skip
     app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
-    app.add_middleware(KeyCheckMiddleware, keys=state.keys, check_limits=state.admission.check_key)
+    app.add_middleware(
+        KeyCheckMiddleware, keys=state.keys, check_limits=state.admission.check_key, skip=skip
+    )
     if config.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -111,6 +129,10 @@ def _add_middleware(app: FastAPI, state: ServerState) -> None:
     allowed = config.allowed_hosts
     if allowed is None:
         allowed = default_allowed_hosts(config.host, state.keys.is_open)
+    elif with_ui:  # the web app calls this server by its internal address
+        from surge.server.web_ui import internal_host
+
+        allowed = (*allowed, internal_host(config.host))
     if allowed is not None:
         logger.info("accepting Host headers: %s", ", ".join(allowed))
         app.add_middleware(HostGuardMiddleware, allowed=allowed)
@@ -310,10 +332,13 @@ class _DrainingServer(uvicorn.Server):
 
 
 def run_server(
-    engine_config: EngineConfig, server_config: ServerConfig, models: ServedModels | None = None
+    engine_config: EngineConfig,
+    server_config: ServerConfig,
+    models: ServedModels | None = None,
+    ui: UIConfig | None = None,
 ) -> int:
     """Serve until SIGTERM/SIGINT; 1 if a start-up model failed to load."""
-    app = create_app(engine_config, server_config, models)
+    app = create_app(engine_config, server_config, models, ui)
     config = uvicorn.Config(
         app,
         host=server_config.host,

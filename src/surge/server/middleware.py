@@ -78,16 +78,24 @@ class KeyCheckMiddleware:
     """Authenticate (401) and check the key's rate limits (429) before any body is read."""
 
     def __init__(
-        self, app: ASGIApp, keys: KeyStore, check_limits: Callable[[KeyInfo], None]
+        self,
+        app: ASGIApp,
+        keys: KeyStore,
+        check_limits: Callable[[KeyInfo], None],
+        skip: Callable[[str], bool] | None = None,
     ) -> None:
         self.app = app
         self.keys = keys
         self.check_limits = check_limits
+        self.skip = skip  # paths with their own log-in (the web app's)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
         if scope["type"] != "http" or path in OPEN_PATHS or is_admin_path(path):
             await self.app(scope, receive, send)  # admin routes check the admin key themselves
+            return
+        if self.skip is not None and self.skip(path):
+            await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
         auth = headers.get(b"authorization")
