@@ -113,6 +113,7 @@ class ChatView {
       this.showMessages(this.conv.messages);
     }
     await models;
+    this.selectModel();
     this.input.focus();
   }
 
@@ -124,6 +125,10 @@ class ChatView {
     } catch {
       this.modelSelect.append(h("option", { value: "", disabled: true, i18n: "chat.noModels" }));
     }
+  }
+
+  /** Show the conversation's model in the picker (one the service no longer lists too). */
+  selectModel() {
     const wanted = (this.conv ? this.conv.model : this.pending.model) || "";
     if (wanted && ![...this.modelSelect.options].some((o) => o.value === wanted)) {
       this.modelSelect.append(h("option", { value: wanted }, wanted));
