@@ -6,16 +6,24 @@ The last user message picks the behaviour:
   "#stall"          streams one delta, then waits until the client closes the connection
   "#midway"         streams one delta, then an error event
   anything else     "echo N: <text>" in three deltas, then usage and [DONE]
+A knowledge-base prompt (its system message asks for numbered passages) is answered with
+KB_ANSWER, which cites [1] and a [9] no passage has.
 Every request body is recorded; `stall_closed` is set when a stalled stream's connection closes.
+
+/v1/embeddings embeds deterministically (hashed bags of words, no model). An input containing
+HOLD_MARKER is held, with `embed_held` set, until the test sets `embed_release`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
+import zlib
 from collections.abc import AsyncIterator
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -25,6 +33,26 @@ MODELS = [
     {"id": "rerank-y", "object": "model", "kind": "rerank"},
     {"id": "legacy-b", "object": "model"},  # no kind: a chat model
 ]
+
+
+KB_ANSWER = "Fault E-4471 means the dome motor has stalled [1]. Spare parts are listed in [9]."
+HOLD_MARKER = "holdembeddings"
+EMBED_DIM = 512
+_WORDS = re.compile(r"[\u4e00-\u9fff]|[a-z0-9-]+")
+
+
+def embed_texts(texts: list[str]) -> list[list[float]]:
+    """Hashed bags of words (and Chinese characters): texts sharing words come out similar."""
+    vectors = np.zeros((len(texts), EMBED_DIM), dtype=np.float32)
+    for row, text in enumerate(texts):
+        for word in _WORDS.findall(text.lower()) or ["<empty>"]:
+            vectors[row, zlib.crc32(word.encode()) % EMBED_DIM] += 1.0
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors.tolist()
+
+
+def _is_kb_prompt(messages: list[dict[str, str]]) -> bool:
+    return bool(messages) and "numbered passages" in str(messages[0].get("content", ""))
 
 
 def _chunk(body: dict[str, object]) -> str:
@@ -42,6 +70,10 @@ class FakeUpstream:
         self.requests: list[dict[str, object]] = []
         self.headers: list[dict[str, str]] = []
         self.stall_closed = threading.Event()
+        self.embed_requests: list[dict[str, object]] = []
+        self.embed_held = threading.Event()
+        self.embed_release = threading.Event()
+        self.embed_release.set()
         self.num_answers = 0
         self.base_url = ""  # set once it is served
         self.app = self._build()
@@ -67,7 +99,24 @@ class FakeUpstream:
                 while not await request.is_disconnected():  # no answer until the client leaves
                     await asyncio.sleep(0.05)
                 return _error(499, "client gone")
+            if _is_kb_prompt(body["messages"]):
+                last = KB_ANSWER
             return StreamingResponse(self._stream(body, last), media_type="text/event-stream")
+
+        @app.post("/v1/embeddings")
+        async def embeddings(request: Request) -> dict[str, object]:
+            body = await request.json()
+            self.embed_requests.append(body)
+            texts = [body["input"]] if isinstance(body["input"], str) else body["input"]
+            if any(HOLD_MARKER in text for text in texts):
+                self.embed_held.set()
+                while not self.embed_release.is_set():
+                    await asyncio.sleep(0.01)
+            data = [
+                {"object": "embedding", "index": i, "embedding": vector}
+                for i, vector in enumerate(embed_texts(texts))
+            ]
+            return {"object": "list", "data": data, "model": body["model"]}
 
         return app
 

@@ -11,6 +11,8 @@ from surge.app.auth import CurrentUser
 from surge.app.conversations import OwnedConversation
 from surge.app.deps import Db, State
 from surge.app.errors import AppError, not_found
+from surge.app.kb_answer import relay_with_sources
+from surge.app.kb_links import linked_kb_ids
 from surge.app.models import Conversation, Message, utcnow
 from surge.app.schemas import MessageIn, ModelsOut
 from surge.app.upstream import UpstreamError
@@ -49,7 +51,10 @@ async def _answer(db: Db, state: State, user_id: int, conversation: Conversation
     holds no connection (the relay opens its own to save)."""
     conversation.updated_at = utcnow()
     job = _job(user_id, conversation, await _history(db, conversation))  # sees unflushed changes
+    kb_ids = await linked_kb_ids(db, conversation.id)
     await db.commit()
+    if kb_ids:  # knowledge bases or files attached: answer from them, with citations
+        return SSEResponse(relay_with_sources(job, state, kb_ids))
     return SSEResponse(relay(job, state))
 
 

@@ -10,8 +10,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import selectinload
 
 from surge.app.auth import CurrentUser
-from surge.app.deps import Db
+from surge.app.deps import Db, State
 from surge.app.errors import not_found
+from surge.app.kb_links import delete_files_kb
 from surge.app.models import Conversation, Message, utcnow
 from surge.app.schemas import ConversationDetail, ConversationIn, ConversationOut
 
@@ -106,8 +107,10 @@ async def update_conversation(
 
 
 @router.delete("/{conversation_id}", status_code=204, operation_id="delete_conversation")
-async def delete_conversation(conversation: OwnedConversation, db: Db) -> Response:
-    """Delete the conversation and its messages."""
+async def delete_conversation(conversation: OwnedConversation, db: Db, state: State) -> Response:
+    """Delete the conversation and its messages, and the files attached to it (file chat)."""
+    if state.kb is not None:
+        await delete_files_kb(db, state.kb.ingestor, conversation.id)
     await db.delete(conversation)
     await db.commit()
     return Response(status_code=204)

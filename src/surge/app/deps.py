@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -14,10 +14,14 @@ from surge.app.config import AppConfig
 from surge.app.security import RateLimiter
 from surge.app.upstream import Upstream
 
+if TYPE_CHECKING:
+    from surge.app.kb_service import KnowledgeService
+
 
 @dataclass(slots=True)
 class AppState:
-    """What the lifespan builds once: the store, the model-service client, the rate limiter."""
+    """What the lifespan builds once: the store, the model-service client, the rate limiter,
+    the knowledge bases' service."""
 
     config: AppConfig
     engine: AsyncEngine
@@ -25,6 +29,7 @@ class AppState:
     upstream: Upstream
     limiter: RateLimiter
     signup_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    kb: KnowledgeService | None = None
 
 
 def get_state(request: Request) -> AppState:

@@ -8,19 +8,20 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from surge.app import accounts, admin, chat, conversations, pages
+from surge.app import accounts, admin, chat, conversations, kb_chat, kb_documents, kb_routes, pages
 from surge.app.config import AppConfig
 from surge.app.db import create_schema, make_engine, make_sessions
 from surge.app.deps import AppState
 from surge.app.errors import AppError, app_error_handler
+from surge.app.kb_service import KnowledgeService
 from surge.app.security import RateLimiter
 from surge.app.upstream import Upstream, make_client
 
 
 def create_app(config: AppConfig, *, clock: Callable[[], float] = time.monotonic) -> FastAPI:
-    """The app: accounts, conversations and chat under /api (documented at /api/docs), the
-    browser UI at / and /static/. `clock` drives the rate limiter (tests pass a fake one instead
-    of sleeping)."""
+    """The app: accounts, conversations, chat and knowledge bases under /api (documented at
+    /api/docs and in docs/app-api.md), the browser UI at / and /static/. `clock` drives the
+    rate limiter (tests pass a fake one instead of sleeping)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -29,16 +30,19 @@ def create_app(config: AppConfig, *, clock: Callable[[], float] = time.monotonic
         engine = make_engine(config.store_url)
         await create_schema(engine)
         client = make_client(config)
-        app.state.surge_app = AppState(
+        state = AppState(
             config=config,
             engine=engine,
             sessions=make_sessions(engine),
             upstream=Upstream(client, config.api_base),
             limiter=RateLimiter(config.max_requests_per_minute, clock),
         )
+        state.kb = await KnowledgeService.start(config, state.sessions, state.upstream)
+        app.state.surge_app = state
         try:
             yield
         finally:
+            await state.kb.close()  # ingestion jobs stop; their documents resume next start
             await client.aclose()
             await engine.dispose()
 
@@ -50,7 +54,7 @@ def create_app(config: AppConfig, *, clock: Callable[[], float] = time.monotonic
         redoc_url=None,
     )
     app.add_exception_handler(AppError, app_error_handler)
-    for module in (accounts, admin, conversations, chat):
+    for module in (accounts, admin, conversations, chat, kb_routes, kb_documents, kb_chat):
         app.include_router(module.router)
 
     @app.get("/api/health", operation_id="health")

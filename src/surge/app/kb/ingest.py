@@ -19,6 +19,7 @@ import asyncio
 import concurrent.futures
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -86,11 +87,16 @@ class Ingestor:
         embed: EmbedFn,
         config: IngestConfig | None = None,
         executor: concurrent.futures.Executor | None = None,
+        *,
+        embed_for: Callable[[str], EmbedFn] | None = None,
     ) -> None:
+        """`embed_for(kb.embedding_model)`, when given, embeds a knowledge base's documents with
+        its own model; `embed` serves the rest."""
         self.config = config or IngestConfig()
         self._sessions = sessions
         self._blobs = blobs
         self._embed = embed
+        self._embed_for = embed_for
         self._own_executor = executor is None
         self._executor = executor or concurrent.futures.ThreadPoolExecutor(
             self.config.max_concurrent_jobs, thread_name_prefix="kb-ingest"
@@ -250,7 +256,8 @@ class Ingestor:
         if not chunks:
             raise ValueError("no text found in the file (a scanned PDF holds only images)")
         await self._progress(document_id, PREPARED_PROGRESS)
-        embeddings = await self._embed_chunks(document_id, chunks)
+        embed = self._embed_for(kb.embedding_model) if self._embed_for else self._embed
+        embeddings = await self._embed_chunks(document_id, chunks, embed)
         # Shielded, session and all: the final write completes even if a cancel comes now.
         await asyncio.shield(self._save(document_id, chunks, tokens, embeddings))
 
@@ -264,14 +271,16 @@ class Ingestor:
         async with self._sessions() as session:
             await store.save_chunks(session, document_id, chunks, tokens, embeddings)
 
-    async def _embed_chunks(self, document_id: int, chunks: list[Chunk]) -> np.ndarray:
+    async def _embed_chunks(
+        self, document_id: int, chunks: list[Chunk], embed: EmbedFn
+    ) -> np.ndarray:
         """Embeddings of every chunk, `embed_batch_size` at a time, with progress."""
         batch = self.config.embed_batch_size
         parts: list[np.ndarray] = []
         written = PREPARED_PROGRESS
         for start in range(0, len(chunks), batch):
             texts = [chunk.text for chunk in chunks[start : start + batch]]
-            vectors = np.asarray(await self._embed(texts), dtype=np.float32)
+            vectors = np.asarray(await embed(texts), dtype=np.float32)
             if vectors.ndim != 2 or len(vectors) != len(texts):
                 raise ValueError(f"the embedding service returned shape {vectors.shape}")
             parts.append(
