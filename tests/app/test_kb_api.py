@@ -139,7 +139,9 @@ def test_upload_several_types_search_and_ask(admin: Browser, fake: FakeUpstream)
     assert [(r["file_name"], r["code"]) for r in body["rejected"]] == [
         ("setup.exe", "unsupported_type")
     ]
-    docs = settled(admin, path)
+    progress = admin.stream("GET", f"{path}/progress")  # one request until all are done
+    assert progress[-1] == {"type": "settled"}
+    docs = progress[-2]["documents"]
     assert [(d["status"], d["progress"]) for d in docs] == [("done", 1.0)] * 4
     assert all(d["num_chunks"] >= 1 and d["error"] is None for d in docs)
 
@@ -369,8 +371,11 @@ def test_file_chat(admin: Browser, tmp_path: Path) -> None:
     assert sum(1 for p in blobs.rglob("*") if p.is_file()) == 0
 
     other = admin.new_conversation()
+    assert admin.get(f"/api/conversations/{other}/files/progress").status_code == 404
     upload(admin, f"/api/conversations/{other}/files", [("tea.txt", TEA)])
-    [tea] = settled(admin, f"/api/conversations/{other}/knowledge")
+    progress = admin.stream("GET", f"/api/conversations/{other}/files/progress")
+    [tea] = progress[-2]["documents"]
+    assert tea["status"] == "done"
     assert admin.send("DELETE", f"/api/conversations/{other}/files/{tea['id']}").status_code == 204
     assert admin.get(f"/api/conversations/{other}/knowledge").json()["files"] == []
 
@@ -395,6 +400,20 @@ def test_keyword_only_knowledge_base_and_settings(admin: Browser) -> None:
     assert bad_overlap.status_code == 422
     unknown = admin.send("POST", "/api/kbs", {"name": "k", "embedding_model": "chat-a"})
     assert unknown.status_code == 400 and unknown.json()["error"]["code"] == "unknown_model"
+
+
+def test_routes_are_documented(admin: Browser) -> None:
+    paths = admin.get("/api/openapi.json").json()["paths"]
+    operations = {op["operationId"] for item in paths.values() for op in item.values()}
+    for name in ("create_kb", "upload_documents", "search_kb", "ask_kb", "attach_files"):
+        assert name in operations
+    upload_body = paths["/api/kbs/{kb_id}/documents"]["post"]["requestBody"]
+    assert "multipart/form-data" in upload_body["content"]
+    doc = (Path(__file__).parents[2] / "docs" / "app-api.md").read_text()
+    for path, item in paths.items():
+        if "/kbs" in path or "knowledge" in path or "/files" in path or "embedding" in path:
+            for method in item:
+                assert f"{method.upper()} {path}" in doc, f"{method.upper()} {path}"
 
 
 def test_asks_are_rate_limited(make_app: AppFactory) -> None:

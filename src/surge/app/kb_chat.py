@@ -18,7 +18,7 @@ from surge.app.deps import Db, State
 from surge.app.errors import AppError, not_found
 from surge.app.kb.store import Document
 from surge.app.kb_answer import Event, Question, answer_events, to_sse, usage_saver
-from surge.app.kb_documents import UPLOAD_BODY, ingest_upload, read_upload
+from surge.app.kb_documents import UPLOAD_BODY, ingest_upload, read_upload, watch
 from surge.app.kb_links import (
     attached_kb_ids,
     ensure_files_kb,
@@ -135,11 +135,23 @@ async def attach_files(
     knowledge-base upload. File chat: the files go to the conversation's own hidden knowledge
     base (made on first use, deleted with the conversation), and its answers cite them."""
     files = await read_upload(request, state.config.max_upload_bytes)
-    kb_id = await files_kb_id(db, conversation.id)
-    if kb_id is None:
-        model = await embedding_model_for(service, None)
-        kb_id = (await ensure_files_kb(db, conversation, model)).id
+    async with service.files_lock:  # two first uploads at once make one store
+        kb_id = await files_kb_id(db, conversation.id)
+        if kb_id is None:
+            model = await embedding_model_for(service, None)
+            kb_id = (await ensure_files_kb(db, conversation, model)).id
     return await ingest_upload(db, service, kb_id, files)
+
+
+@router.get("/conversations/{conversation_id}/files/progress", operation_id="watch_files")
+async def watch_files(conversation: OwnedConversation, db: Db, state: State) -> SSEResponse:
+    """GET /api/conversations/{id}/files/progress → SSE like a knowledge base's document
+    progress, for the files attached to the conversation."""
+    kb_id = await files_kb_id(db, conversation.id)
+    await db.commit()
+    if kb_id is None:
+        raise not_found("attached files")
+    return SSEResponse(watch(state, kb_id))
 
 
 @router.delete(

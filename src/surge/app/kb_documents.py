@@ -21,7 +21,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from surge.app.deps import Db, State
+from surge.app.answer import SSEResponse, sse
+from surge.app.deps import AppState, Db, State
 from surge.app.errors import AppError, not_found
 from surge.app.kb.parse import FileTooLarge, ParseError, UnsupportedFileType
 from surge.app.kb.store import Document
@@ -31,6 +32,7 @@ from surge.app.kb_service import KB, KnowledgeService, ReadableKB, WritableKB
 router = APIRouter(prefix="/api/kbs/{kb_id}/documents", tags=["knowledge bases"])
 
 MAX_FILES_PER_UPLOAD = 100
+PROGRESS_INTERVAL_S = 0.5  # how often a progress stream looks at the documents
 FILE_FIELDS = ("files", "file")
 
 # The OpenAPI description of an upload body (the route parses it itself, to bound it).
@@ -163,6 +165,34 @@ async def list_documents(kb: ReadableKB, db: Db) -> list[DocumentOut]:
     failed, cancelled), progress 0-1 and error, oldest first."""
     query = select(Document).where(Document.kb_id == kb.id).order_by(Document.id)
     return [DocumentOut.model_validate(d) for d in await db.scalars(query)]
+
+
+async def watch(state: AppState, kb_id: int) -> AsyncIterator[str]:
+    """SSE: the knowledge base's documents each time they change, until none is active."""
+    last: list[dict[str, object]] | None = None
+    while True:
+        async with state.sessions() as db:  # a session per look: none is held in between
+            query = select(Document).where(Document.kb_id == kb_id).order_by(Document.id)
+            documents = [
+                DocumentOut.model_validate(d).model_dump(mode="json")
+                for d in await db.scalars(query)
+            ]
+        if documents != last:
+            yield sse({"type": "documents", "documents": documents})
+            last = documents
+        if all(d["status"] not in ("queued", "processing") for d in documents):
+            yield sse({"type": "settled"})
+            return
+        await asyncio.sleep(PROGRESS_INTERVAL_S)
+
+
+@router.get("/progress", operation_id="watch_documents")
+async def watch_documents(kb: ReadableKB, db: Db, state: State) -> SSEResponse:
+    """GET /api/kbs/{kb_id}/documents/progress → SSE: {"type": "documents", "documents":
+    [Document]} whenever they change (looked at twice a second), then {"type": "settled"} once
+    none is queued or processing. One request instead of polling (which the rate limit counts)."""
+    await db.commit()
+    return SSEResponse(watch(state, kb.id))
 
 
 @router.get("/{document_id}", operation_id="get_document")

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Literal
+from datetime import datetime, timezone
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from surge.app.kb.cite import Citation, Segment, UnverifiedCitation
 from surge.app.kb.index import Hit, Passage, SearchMode
@@ -14,6 +14,14 @@ from surge.app.kb.store import DocumentStatus, Visibility
 
 MAX_CHUNK_SIZE = 8000
 MAX_QUESTION_CHARS = 10_000
+
+
+def _as_utc(value: datetime) -> datetime:
+    """The knowledge-base tables keep UTC; SQLite returns it without a zone."""
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+UTCTime = Annotated[datetime, AfterValidator(_as_utc)]
 
 
 class KBIn(BaseModel):
@@ -57,7 +65,7 @@ class KBOut(BaseModel):
     chunk_size: int
     overlap: int
     embedding_model: str  # "": keyword search only
-    created_at: datetime
+    created_at: UTCTime
     num_documents: int
     can_write: bool  # may upload, re-index and delete documents
     can_manage: bool  # may rename, change visibility, delete the knowledge base
@@ -75,7 +83,7 @@ class DocumentOut(BaseModel):
     progress: float  # 0 to 1
     error: str | None
     num_chunks: int
-    created_at: datetime
+    created_at: UTCTime
 
 
 class Uploaded(BaseModel):
@@ -86,7 +94,7 @@ class Uploaded(BaseModel):
 
 class Rejected(BaseModel):
     file_name: str
-    code: str  # unsupported_type | too_large
+    code: str  # unsupported_type | too_large | unreadable
     message: str
 
 

@@ -72,6 +72,7 @@ class KnowledgeService:
     cache: IndexCache
     upstream: Upstream
     embedders: Embedders
+    files_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # makes file-chat stores
 
     @classmethod
     async def start(
@@ -118,7 +119,10 @@ class KnowledgeService:
         self, kb: KnowledgeBase, query: str, *, top_k: int, mode: SearchMode
     ) -> list[Hit]:
         """The best passages of `kb` for `query`; AppError 502 when embedding it failed."""
-        index = await self.cache.get(kb.id)
+        try:
+            index = await self.cache.get(kb.id)
+        except LookupError as e:  # deleted meanwhile
+            raise not_found("knowledge base") from e
         if not kb.embedding_model:
             if mode is SearchMode.VECTOR:
                 raise AppError(400, "keywords_only", "this knowledge base has no embedding model")
