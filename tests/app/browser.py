@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Browser, Page
+    from playwright.sync_api import Browser, Dialog, Page
 
 CHROMIUM_PATHS = ("/usr/bin/chromium", "/usr/bin/chromium-browser")
 APT_TIMEOUT_S = 900
@@ -91,8 +91,8 @@ PageFactory = Callable[..., "Page"]
 @pytest.fixture
 def open_page(chromium: Browser) -> Iterator[PageFactory]:
     """New pages, each in its own browser context (its own cookies: one user each). Any
-    dialog (alert, confirm) is recorded on `page.dialogs` and dismissed; page errors on
-    `page.errors`."""
+    dialog (alert, confirm) is recorded on `page.dialogs` and dismissed (accepted once a test
+    sets `page.accept_dialogs`); page errors are recorded on `page.errors`."""
     contexts = []
 
     def new(url: str, locale: str = "en-US") -> Page:
@@ -102,7 +102,13 @@ def open_page(chromium: Browser) -> Iterator[PageFactory]:
         page = context.new_page()
         page.dialogs = []  # type: ignore[attr-defined]
         page.errors = []  # type: ignore[attr-defined]
-        page.on("dialog", lambda d: (page.dialogs.append(d.message), d.dismiss()))  # type: ignore[attr-defined]
+        page.accept_dialogs = False  # type: ignore[attr-defined]
+
+        def on_dialog(dialog: Dialog) -> None:
+            page.dialogs.append(dialog.message)  # type: ignore[attr-defined]
+            dialog.accept() if page.accept_dialogs else dialog.dismiss()  # type: ignore[attr-defined]
+
+        page.on("dialog", on_dialog)
         page.on("pageerror", lambda e: page.errors.append(str(e)))  # type: ignore[attr-defined]
         page.goto(url)
         return page

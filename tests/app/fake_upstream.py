@@ -7,7 +7,7 @@ The last user message picks the behaviour:
   "#midway"         streams one delta, then an error event
   anything else     "echo N: <text>" in three deltas, then usage and [DONE]
 A knowledge-base prompt (its system message asks for numbered passages) is answered with
-KB_ANSWER, which cites [1] and a [9] no passage has.
+KB_ANSWER, which cites [1] and a [9] no passage has (unless its question starts with "#").
 Every request body is recorded; `stall_closed` is set when a stalled stream's connection closes.
 
 /v1/embeddings embeds deterministically (hashed bags of words, no model). An input containing
@@ -91,6 +91,9 @@ class FakeUpstream:
             self.requests.append(body)
             self.headers.append(dict(request.headers))
             last = [m for m in body["messages"] if m["role"] == "user"][-1]["content"]
+            if _is_kb_prompt(body["messages"]):  # the question ends the RAG prompt
+                last = last.rsplit("Question: ", 1)[-1]
+                last = last if last.startswith("#") else KB_ANSWER
             if last.startswith("#429"):
                 return _error(429, "queue full", {"Retry-After": "2"})
             if last.startswith("#503"):
@@ -99,8 +102,6 @@ class FakeUpstream:
                 while not await request.is_disconnected():  # no answer until the client leaves
                     await asyncio.sleep(0.05)
                 return _error(499, "client gone")
-            if _is_kb_prompt(body["messages"]):
-                last = KB_ANSWER
             return StreamingResponse(self._stream(body, last), media_type="text/event-stream")
 
         @app.post("/v1/embeddings")

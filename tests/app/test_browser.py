@@ -69,6 +69,11 @@ def test_stop_closes_the_stream(app_url: str, open_page: PageFactory, fake: Fake
     fake.stall_closed.clear()
     page = open_page(app_url)
     sign_up(page, "alice")
+    send(page, "#hang until stopped")  # the service takes the request and says nothing yet
+    expect(page.locator(".status-line")).to_have_text("Waiting for the model…")
+    page.click(".composer .send")
+    expect(last_answer(page).locator(".msg-note")).to_have_text("Stopped.")
+
     send(page, "#stall then wait")
     expect(last_answer(page)).to_contain_text("partial")
     expect(page.locator(".status-line")).to_have_text("Generating…")
@@ -183,3 +188,32 @@ def test_admin_adds_and_disables_a_user(make_app: AppFactory, open_page: PageFac
     expect(carol_row).to_contain_text("disabled")
     carol.reload()  # her session ended with the account
     expect(carol.locator(".auth-form.login")).to_be_visible()
+
+
+def test_search_rename_and_delete_conversations(app_url: str, open_page: PageFactory) -> None:
+    page = open_page(app_url)
+    sign_up(page, "alice")
+    for text in ("about penguins", "about volcanoes"):
+        page.click(".new-chat")
+        expect(page.locator(".hello")).to_be_visible()
+        send(page, text)
+        expect(last_answer(page).locator(".msg-actions .regenerate")).to_be_visible()
+    links = page.locator(".conv-link")
+    expect(links).to_have_text(["about volcanoes", "about penguins"])  # newest first
+    page.fill(".conv-search", "penguin")
+    expect(links).to_have_text(["about penguins"])
+    page.fill(".conv-search", "")
+    expect(links).to_have_count(2)
+
+    penguins = page.locator(".conv", has_text="penguins")
+    penguins.hover()  # the item's buttons show on hover
+    penguins.locator(".rename").click()
+    page.fill(".rename-input", "Birds of the south")
+    page.press(".rename-input", "Enter")
+    expect(links).to_have_text(["Birds of the south", "about volcanoes"])  # renamed is newest
+
+    page.accept_dialogs = True  # type: ignore[attr-defined]
+    volcanoes = page.locator(".conv", has_text="volcanoes")
+    volcanoes.hover()
+    volcanoes.locator(".delete").click()
+    expect(links).to_have_text(["Birds of the south"])

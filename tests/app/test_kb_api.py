@@ -18,7 +18,7 @@ import pytest
 from surge.app.kb.cite import NOT_FOUND
 from tests.app.conftest import AppFactory
 from tests.app.fake_upstream import HOLD_MARKER, FakeUpstream
-from tests.app.servers import Browser, wait_for
+from tests.app.servers import Browser, events, wait_for
 
 NewBrowser = Callable[[], Browser]
 
@@ -349,6 +349,35 @@ def test_conversation_with_a_knowledge_base_saves_citations(
     assert detached.json()["kb_ids"] == []
     evs = admin.stream("POST", f"/api/conversations/{cid}/messages", {"content": "hi"})
     assert "passages" not in evs[-1]  # a plain chat answer again
+
+
+def test_stop_and_service_errors(admin: Browser, fake: FakeUpstream) -> None:
+    kb = kb_with_documents(admin)
+    cid = admin.new_conversation()
+    admin.send("PUT", f"/api/conversations/{cid}/kbs", {"kb_ids": [kb]})
+    fake.stall_closed.clear()
+    body = {"content": "#stalled: what does fault E-4471 mean?"}  # (words the passage has)
+    path = f"/api/conversations/{cid}/messages"
+    with admin.client.stream("POST", path, json=body, headers=admin.headers()) as r:
+        for event in events(r):
+            if event["type"] == "delta":
+                break  # Stop
+    assert fake.stall_closed.wait(20), "the app kept the service's request open"
+
+    def saved() -> list[dict[str, object]]:
+        return admin.get(f"/api/conversations/{cid}").json()["messages"]
+
+    wait_for(lambda: len(saved()) == 2, "the stopped answer to be saved")
+    assert saved()[1]["status"] == "stopped" and saved()[1]["content"] == "partial "
+    sources = admin.get(f"/api/conversations/{cid}/knowledge").json()["sources"]
+    assert sources[str(saved()[1]["id"])]["passages"][0]["file_name"] == "manual.md"
+
+    evs = admin.stream("POST", f"/api/kbs/{kb}/ask", {"question": "#503 fault E-4471 stalled"})
+    assert evs[-1]["type"] == "error" and evs[-1]["status"] == 503 and evs[-1]["retryable"]
+    plain = admin.send(
+        "POST", f"/api/kbs/{kb}/ask", {"question": "#429 fault E-4471 stalled", "stream": False}
+    )
+    assert plain.status_code == 429 and plain.json()["error"]["code"] == "upstream"
 
 
 def test_file_chat(admin: Browser, tmp_path: Path) -> None:

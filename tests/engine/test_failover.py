@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import Callable
 
 import pytest
@@ -326,6 +327,25 @@ def test_a_draining_replica_finishes_its_work_within_the_grace() -> None:
         await until(lambda: all(t.done() for t in tasks), cluster)
         assert all(t.result()[1] is None for t in tasks)
         assert engine.num_failovers == 0  # finished where they were
+        await engine.shutdown()
+
+    asyncio.run(go())
+
+
+def test_a_silent_replica_gets_no_new_requests_before_the_watchdog_fires() -> None:
+    async def go() -> None:
+        cluster = Cluster(2, affinity_blocks=0)
+        engine = cluster.engine
+        await engine.start()
+        stuck = asyncio.create_task(collect(engine, "stuck", [1, 2, 3]))
+        await until(lambda: any(c.seqs for c in cluster.cores))
+        silent = next(i for i in engine.replicas if cluster.core_of(i).seqs)
+        engine.replicas[silent]._last_progress -= 10.0  # no step reported for 10 s
+        assert engine.replicas[silent].is_suspect(time.monotonic())
+        tasks = [asyncio.create_task(collect(engine, f"n{i}", [4, i])) for i in range(4)]
+        await until(lambda: len(cluster.core_of(1 - silent).seqs) == 4)
+        assert len(cluster.core_of(silent).seqs) == 1
+        await until(lambda: all(t.done() for t in [*tasks, stuck]), cluster)
         await engine.shutdown()
 
     asyncio.run(go())

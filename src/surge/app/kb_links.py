@@ -72,9 +72,11 @@ async def files_kb_id(db: AsyncSession, conversation_id: int) -> int | None:
     return await db.scalar(query)
 
 
-async def hidden_kb_ids(db: AsyncSession) -> set[int]:
-    """Every conversation's own files knowledge base (left out of knowledge-base lists)."""
-    query = select(ConversationKB.kb_id).where(ConversationKB.files_only.is_(True))
+async def hidden_kb_ids(db: AsyncSession, kb_ids: list[int]) -> set[int]:
+    """Those of `kb_ids` that are a conversation's own files (left out of lists)."""
+    query = select(ConversationKB.kb_id).where(
+        ConversationKB.files_only.is_(True), ConversationKB.kb_id.in_(kb_ids)
+    )
     return set((await db.scalars(query)).all())
 
 

@@ -107,8 +107,8 @@ async def list_embedding_models(_user: CurrentUser, service: KB) -> EmbeddingMod
 async def list_kbs(user: CurrentUser, db: Db) -> list[KBOut]:
     """GET /api/kbs → [KB]: the knowledge bases the user may read (their own and shared ones;
     every one for an admin), oldest first. Conversations' own file stores are left out."""
-    hidden = await hidden_kb_ids(db)
     kbs = await store.list_kbs(db, user_id=user.id, is_admin=user.is_admin)
+    hidden = await hidden_kb_ids(db, [kb.id for kb in kbs])
     return await kb_outs(db, [kb for kb in kbs if kb.id not in hidden], user)
 
 

@@ -258,6 +258,9 @@ class AsyncEngine:
         candidates = [r for r in self.replicas.values() if r.is_routable and r is not exclude]
         if not candidates:
             raise EngineDeadError("no engine replica is running")
+        now = time.monotonic()
+        healthy = [r for r in candidates if not r.is_suspect(now)]
+        candidates = healthy or candidates
         loads = [r.load() for r in candidates]
         index, why = choose(loads, affinity, self._affinity, self._guard, self._rr)
         self._rr = index + 1

@@ -24,6 +24,10 @@ from surge.engine.routing import ReplicaLoad
 
 logger = logging.getLogger(__name__)
 
+# A busy core reports every step (tens of ms; seconds for a long prefill on a slow CPU). Silent
+# this long with work pending, it gets no new requests while another replica can take them.
+SUSPECT_AFTER_S = 5.0
+
 
 class ReplicaState(str, enum.Enum):
     """Where one replica is: only READY replicas take new work."""
@@ -140,6 +144,12 @@ class Replica:
     def is_routable(self) -> bool:
         """Live and ready: new requests and failovers may go here."""
         return self.state is ReplicaState.READY and self.is_alive
+
+    def is_suspect(self, now: float) -> bool:
+        """Work pending and no step reported for a while: maybe hung (the watchdog decides at
+        stall_timeout); new requests go elsewhere meanwhile when they can."""
+        suspect_after = min(SUSPECT_AFTER_S, self.supervisor.stall_timeout / 2)
+        return bool(self.seqs) and now - self._last_progress > suspect_after
 
     @property
     def is_alive(self) -> bool:

@@ -59,7 +59,7 @@ class ChatView {
     const main = h("section", { class: "chat-main" },
       head, this.settings, this.messages, this.status, composer);
     this.sidebar = renderSidebar({
-      onNew: () => { location.hash = "#/"; },
+      onNew: () => this.startNew(),
       onDeleted: (id) => { if (id === this.conversationId) location.hash = "#/"; },
       onRenamed: (conv) => { if (conv.id === this.conversationId) this.setTitle(conv.title); },
     });
@@ -90,6 +90,12 @@ class ChatView {
     const conversations = await this.sidebar.refresh(this.conversationId);
     const mine = conversations?.find((c) => c.id === this.conversationId);
     if (mine) this.setTitle(mine.title);
+  }
+
+  /** New chat: this page already is one unless it shows a conversation or an answer streams. */
+  startNew() {
+    if (this.conv === null && !this.controller) this.input.focus();
+    else location.hash = "#/";
   }
 
   async open(conversationId) {
