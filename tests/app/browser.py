@@ -69,9 +69,11 @@ def chromium_path() -> str:
     return found
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def chromium() -> Iterator[Browser]:
-    """One headless Chromium for the session (each test opens its own contexts)."""
+    """One headless Chromium per test module (each test opens its own contexts). Not per
+    session: Playwright's sync API keeps an event loop running on this thread while it is up,
+    and every later test that calls asyncio.run() would fail."""
     sync_api = pytest.importorskip(
         "playwright.sync_api", reason="the playwright package (the [test] extra) is missing"
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 
 import httpx
 import numpy as np
@@ -59,12 +60,25 @@ def test_tokenize_english_codes_and_chinese() -> None:
     assert tokenize("the of 的 了 ...") == []
 
 
+class LuceneIdfBM25(BM25Okapi):
+    """rank-bm25's Okapi BM25 with Lucene's always-positive idf (what BM25 computes)."""
+
+    def _calc_idf(self, nd: dict[str, int]) -> None:
+        self.idf = {w: math.log1p((self.corpus_size - n + 0.5) / (n + 0.5)) for w, n in nd.items()}
+
+
 def test_bm25_scores_match_rank_bm25() -> None:
     corpus = [tokenize(text) for text in TEXTS * 3 + ["dome dome dome motor", "wind"]]
     query = tokenize("dome motor wind 检索 unknown")
     ours = BM25(corpus).scores(query)
-    reference = BM25Okapi(corpus).get_scores(query)
+    reference = LuceneIdfBM25(corpus).get_scores(query)
     np.testing.assert_allclose(ours, reference, rtol=1e-5)
+
+
+def test_a_word_of_one_chunk_in_two_still_scores() -> None:
+    """Okapi's idf is 0 for a term in half the chunks: a 2-chunk file found nothing by keyword."""
+    bm25 = BM25([tokenize("the dome motor failed"), tokenize("wind speed limits")])
+    assert bm25.scores(tokenize("dome"))[0] > 0 and bm25.idf("dome") > 0
 
 
 def test_bm25_coverage_is_the_share_of_query_idf() -> None:

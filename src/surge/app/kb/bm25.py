@@ -6,8 +6,10 @@ short words inside long ones ("知识库" → "知识", "知识库"). jieba load
 lazily, in about 0.6 s (cached under the temp dir after the first run), then segments about
 0.5 M characters/s on one core: cheap enough that character bigrams were not needed.
 
-Scores are those of rank-bm25's `BM25Okapi` (k1=1.5, b=0.75, negative idf floored at
-epsilon × the mean idf; a test checks the two agree), computed from postings in numpy arrays
+Scores are those of rank-bm25's `BM25Okapi` (k1=1.5, b=0.75) with Lucene's idf,
+log(1 + (N - n + 0.5) / (n + 0.5)), which is positive for every term: Okapi's own idf is 0 for a
+term in half the chunks and negative above, so in a 2-chunk file (file chat) a word of one chunk
+scored nothing. A test checks the scores against rank-bm25 with that idf. Computed from postings in numpy arrays
 instead of a dict per chunk: a query costs a few array operations per query term, and the
 index takes ~8 bytes per (chunk, distinct term) instead of a Python dict per chunk."""
 
@@ -74,7 +76,6 @@ class BM25:
         *,
         k1: float = 1.5,
         b: float = 0.75,
-        epsilon: float = 0.25,
     ) -> None:
         self.k1 = k1
         self.num_docs = len(corpus)
@@ -95,10 +96,7 @@ class BM25:
         self._freqs = np.asarray(freqs, dtype=np.float32)[order]
         self._offsets = np.searchsorted(terms[order], np.arange(len(self._vocab) + 1))
         num_with = np.diff(self._offsets).astype(np.float64)
-        idf = np.log(self.num_docs - num_with + 0.5) - np.log(num_with + 0.5)
-        if len(idf):  # rank-bm25's rule: a term in over half the chunks gets a small floor
-            idf[idf < 0] = epsilon * idf.mean()
-        self._idf = idf
+        self._idf = _lucene_idf(self.num_docs, num_with)
         avg_len = float(doc_len.mean()) if self.num_docs else 0.0
         self._norm = k1 * (1 - b + b * doc_len / max(avg_len, 1e-9))
 
@@ -106,7 +104,7 @@ class BM25:
         """A term's idf; one no chunk holds gets that of a term in half a chunk (the maximum)."""
         term = self._vocab.get(token)
         if term is None:
-            return float(np.log((self.num_docs + 0.5) / 0.5))
+            return float(_lucene_idf(self.num_docs, np.zeros(1))[0])
         return float(self._idf[term])
 
     def _postings(self, token: str) -> tuple[np.ndarray, np.ndarray] | None:
@@ -141,3 +139,8 @@ class BM25:
                 found[:, column] = np.isin(docs, postings[0])
         total = weights.sum()
         return found @ weights / total if total > 0 else np.zeros(len(docs))
+
+
+def _lucene_idf(num_docs: int, num_with: np.ndarray) -> np.ndarray:
+    """log(1 + (N - n + 0.5) / (n + 0.5)): positive for every term (Lucene's BM25 idf)."""
+    return np.log1p((num_docs - num_with + 0.5) / (num_with + 0.5))
