@@ -63,6 +63,25 @@ export async function api(method, path, body = undefined) {
   return resp.status === 204 ? null : resp.json();
 }
 
+/** Upload `files` (a FileList or array of File) as multipart `files` to `path`; the decoded JSON
+ * answer. Rejects with ApiError (e.g. 413 for an upload over the app's limit). */
+export async function upload(path, files) {
+  const form = new FormData();
+  for (const file of files) form.append("files", file, file.name);
+  const resp = await fetch(path, {
+    method: "POST",
+    headers: headers("POST", false),
+    body: form,
+    credentials: "same-origin",
+  });
+  if (!resp.ok) {
+    const error = await errorOf(resp);
+    if (resp.status === 401) onLoggedOut();
+    throw error;
+  }
+  return resp.json();
+}
+
 /**
  * Stream an answer: `onEvent` gets each event ({type: "start"|"status"|"delta"|"done"|"error"}).
  * Resolves when the stream ends; rejects with ApiError (refused before streaming), or an

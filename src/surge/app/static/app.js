@@ -1,11 +1,14 @@
-// The page: who is logged in, the routes (#/ new chat, #/c/ID a conversation, #/admin), the
-// log-in and sign-up form, the top bar (language, log-out).
+// The page: who is logged in, the routes (#/ new chat, #/c/ID a conversation, #/kbs the
+// knowledge bases, #/kbs/ID one of them, #/admin), the log-in and sign-up form, the top bar
+// (language, log-out).
 
 import { showAdmin } from "./admin.js";
 import { ApiError, api, setCsrf, setOnLoggedOut } from "./api.js";
 import { showChat } from "./chat.js";
 import { clear, h } from "./dom.js";
 import { getLang, setLang, translate } from "./i18n.js";
+import { showKb } from "./kb.js";
+import { showKbList } from "./kbs.js";
 
 const view = document.getElementById("view");
 const nav = document.querySelector(".nav");
@@ -16,6 +19,8 @@ const langSelect = document.querySelector(".lang-select");
 
 let me = null; // the logged-in user
 let chat = null; // the chat page shown, if any
+let page = null; // the page shown (its close() stops what it follows in the background)
+let routing = 0; // a page that finishes loading after the next route started is closed
 
 function enter(session) {
   me = session.user;
@@ -30,6 +35,8 @@ function enter(session) {
 function leave() {
   me = null;
   chat = null;
+  page?.close?.();
+  page = null;
   setCsrf(null);
   nav.hidden = true;
   whoami.hidden = true;
@@ -41,18 +48,33 @@ async function route() {
   if (!me) return;
   const hash = location.hash || "#/";
   const match = hash.match(/^#\/c\/(\d+)$/);
+  const kbMatch = hash.match(/^#\/kbs\/(\d+)$/);
+  if (match && chat && chat.conversationId === Number(match[1])) return; // already shown
+  page?.close?.();
+  page = null;
+  chat = null;
+  const mine = ++routing;
+  let shown;
+  let isChat = false;
   if (hash === "#/admin" && me.role === "admin") {
-    chat = null;
-    await showAdmin(view, me);
-  } else if (match) {
-    const id = Number(match[1]);
-    if (chat && chat.conversationId === id) return; // already shown (a new one just got its id)
-    chat = await showChat(view, id);
+    shown = await showAdmin(view, me);
+  } else if (hash === "#/kbs") {
+    shown = await showKbList(view, me);
+  } else if (kbMatch) {
+    shown = await showKb(view, Number(kbMatch[1]));
   } else {
-    chat = await showChat(view, null);
+    shown = await showChat(view, match ? Number(match[1]) : null);
+    isChat = true;
   }
+  if (mine !== routing) {
+    shown?.close?.();
+    return;
+  }
+  page = shown;
+  if (isChat) chat = shown;
+  const section = hash.startsWith("#/kbs") ? "#/kbs" : hash === "#/admin" ? "#/admin" : "#/";
   for (const a of nav.querySelectorAll("a")) {
-    a.classList.toggle("active", a.getAttribute("href") === (hash === "#/admin" ? "#/admin" : "#/"));
+    a.classList.toggle("active", a.getAttribute("href") === section);
   }
 }
 

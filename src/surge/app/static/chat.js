@@ -3,11 +3,14 @@
 // fetch, which closes the stream, and the server then closes the model's request.
 
 import { ApiError, api, streamAnswer } from "./api.js";
+import { PassagePanel, renderCited, sourcesOf } from "./citations.js";
 import { clear, copyText, h } from "./dom.js";
 import { t, tr } from "./i18n.js";
+import { KnowledgeBar } from "./knowledge.js";
 import { flash, renderMarkdown } from "./render.js";
 import { renderSidebar } from "./sidebar.js";
 
+const STATUS_KEYS = { retrieving: "status.retrieving", generating: "status.generating" };
 const ERROR_KEYS = { 429: "err.429", 502: "err.502", 503: "err.503", 504: "err.504", 500: "err.500" };
 
 /** Show the chat page in `root`: conversation `conversationId`, or a new one when null. */
@@ -56,14 +59,17 @@ class ChatView {
     const settingsButton = h("button", { type: "button", class: "settings-toggle",
       i18n: "chat.settings", onclick: () => { this.settings.hidden = !this.settings.hidden; } });
     const head = h("div", { class: "chat-head" }, this.title, this.modelSelect, settingsButton);
+    this.knowledge = new KnowledgeBar({ ensureConversation: () => this.ensureConversation() });
+    this.passages = new PassagePanel();
     const main = h("section", { class: "chat-main" },
-      head, this.settings, this.messages, this.status, composer);
+      head, this.settings, this.knowledge.el, this.messages, this.status, composer);
     this.sidebar = renderSidebar({
       onNew: () => this.startNew(),
       onDeleted: (id) => { if (id === this.conversationId) location.hash = "#/"; },
       onRenamed: (conv) => { if (conv.id === this.conversationId) this.setTitle(conv.title); },
     });
-    clear(root).append(h("div", { class: "chat-layout" }, this.sidebar.el, main));
+    clear(root).append(h("div", { class: "chat-layout" }, this.sidebar.el, main,
+      this.passages.el));
   }
 
   buildSettings() {
@@ -118,9 +124,25 @@ class ChatView {
       this.fillSettings(this.conv);
       this.showMessages(this.conv.messages);
     }
+    this.showSources(await this.knowledge.load(conversationId));
     await models;
     this.selectModel();
     this.input.focus();
+  }
+
+  /** Stop what the page follows in the background (attached files' progress). */
+  close() {
+    this.knowledge.close();
+  }
+
+  /** Give saved knowledge-base answers their sources (citations as links) again. */
+  showSources(sources) {
+    for (const el of this.messages.querySelectorAll(".msg-assistant")) {
+      const saved = el.msg.id === null ? null : sources[el.msg.id];
+      if (!saved) continue;
+      el.sources = sourcesOf(saved);
+      this.paint(el, true);
+    }
   }
 
   async loadModels() {
@@ -214,7 +236,9 @@ class ChatView {
   paint(el, final) {
     const body = el.querySelector(".msg-body");
     if (el.msg.role === "user") body.textContent = el.msg.content;
-    else renderMarkdown(body, el.msg.content, final);
+    else if (final && el.sources) {
+      renderCited(body, el.msg.content, el.sources, (p, n) => this.passages.open(p, n));
+    } else renderMarkdown(body, el.msg.content, final);
   }
 
   /** Re-render a streaming answer at most once a frame. */
@@ -356,7 +380,7 @@ class ChatView {
         started = true;
         if (userEl) userEl.msg.id = event.user_message_id;
       } else if (event.type === "status") {
-        this.setStatus(event.state === "generating" ? "status.generating" : "status.waiting");
+        this.setStatus(STATUS_KEYS[event.state] || "status.waiting");
       } else if (event.type === "delta") {
         answerEl.msg.content += event.text;
         this.queuePaint(answerEl);
@@ -364,6 +388,7 @@ class ChatView {
         ended = true;
         answerEl.streaming = false;
         answerEl.msg.id = event.message_id ?? null;
+        answerEl.sources = sourcesOf(event);
         this.paint(answerEl, true);
         if (event.type === "error") this.showError(answerEl, event.status, event.message, retry);
       }
