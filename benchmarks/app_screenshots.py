@@ -1,8 +1,10 @@
-"""Screenshots of the web app for the README: chat and admin pages, in English and Chinese.
+"""Screenshots of the web app for the README: chat, admin, knowledge-base and citation pages, in
+English and Chinese.
 
-The app runs against a small canned model service (fixed answers, so the pictures are the same
-each run), with a few users and conversations made over the REST API; Debian's Chromium (installed
-with apt-get if missing, with a CJK font) takes the pictures through Playwright.
+The app runs against a small canned model service (fixed answers and deterministic embeddings,
+so the pictures are the same each run), with a few users, conversations and knowledge bases made
+over the REST API; Debian's Chromium (installed with apt-get if missing, with a CJK font) takes
+the pictures through Playwright.
 
     python benchmarks/app_screenshots.py [--out docs/screenshots]
 """
@@ -11,16 +13,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import socket
 import subprocess
 import tempfile
 import threading
 import time
+import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
@@ -76,6 +81,73 @@ OTHER_TITLES = {
 }
 PASSWORD = "password123"
 
+KB_NAMES = {"en": "Observatory manuals", "zh": "天文台手册"}
+KB_DESCRIPTIONS = {
+    "en": "Operating and service manuals of the dome and the telescope",
+    "zh": "圆顶与望远镜的操作和维护手册",
+}
+KB_DOCUMENTS = {
+    "en": {
+        "dome-service.md": """# Dome service manual
+
+## Faults
+
+Fault E-4471 means the dome motor has stalled. Switch the dome controller off, wait ten seconds
+and switch it on again before you reset the dome.
+
+## Rails and ice
+
+In winter, ice on the rails stops the dome. Clear the ice from the rails before any reset.
+
+## Cleaning
+
+Wipe the mirror cover with a dry cloth once a month.
+""",
+        "visitors.txt": "Public nights are on the first Saturday of each month. Visitors meet at "
+        "the library at nine.",
+        "telescope.html": "<html><body><h1>Telescope</h1><h2>Cooling</h2><p>Open the mirror cover "
+        "an hour before observing so the mirror cools to the night air.</p></body></html>",
+    },
+    "zh": {
+        "圆顶维护手册.md": """# 圆顶维护手册
+
+## 故障
+
+故障 E-4471 表示圆顶电机卡住了。先关闭圆顶控制器，等待十秒后再打开，然后再复位圆顶。
+
+## 导轨结冰
+
+冬天导轨上的冰会让圆顶停转。复位之前，先清除导轨上的冰。
+
+## 清洁
+
+每月用干布擦拭一次镜盖。
+""",
+        "参观须知.txt": "每月第一个星期六晚上对公众开放。参观者九点在图书馆集合。",
+        "望远镜.html": "<html><body><h1>望远镜</h1><h2>降温</h2><p>观测前一小时打开镜盖，"
+        "让主镜降到夜间气温。</p></body></html>",
+    },
+}
+KB_QUESTIONS = {"en": "What does fault E-4471 mean?", "zh": "故障 E-4471 是什么意思？"}
+KB_ANSWERS = {
+    "en": "Fault **E-4471** means the dome motor has stalled [1]. Switch the dome controller off, "
+    "wait ten seconds and switch it on again before you reset the dome [1].",
+    "zh": "故障 **E-4471** 表示圆顶电机卡住了 [1]。先关闭圆顶控制器，等待十秒后再打开，然后再复位"
+    "圆顶 [1]。",
+}
+EMBED_DIM = 256
+_WORDS = re.compile(r"[\u4e00-\u9fff]|[a-z0-9-]+")
+
+
+def embed(texts: list[str]) -> list[list[float]]:
+    """Hashed bags of words (Chinese by character): deterministic vectors, no model."""
+    vectors = np.zeros((len(texts), EMBED_DIM), dtype=np.float32)
+    for row, text in enumerate(texts):
+        for word in _WORDS.findall(text.lower()) or ["<empty>"]:
+            vectors[row, zlib.crc32(word.encode()) % EMBED_DIM] += 1.0
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors.tolist()
+
 
 def canned_service() -> FastAPI:
     """An OpenAI-compatible chat service with fixed answers (Chinese for a Chinese question)."""
@@ -85,7 +157,17 @@ def canned_service() -> FastAPI:
     async def models() -> dict[str, object]:
         data = [{"id": "qwen2.5-7b-instruct", "object": "model", "kind": "chat"}]
         data.append({"id": "SmolLM2-135M-Instruct", "object": "model", "kind": "chat"})
+        data.append({"id": "bge-m3", "object": "model", "kind": "embedding"})
         return {"object": "list", "data": data}
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> dict[str, object]:
+        body = await request.json()
+        texts = [body["input"]] if isinstance(body["input"], str) else body["input"]
+        data = [
+            {"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(embed(texts))
+        ]
+        return {"object": "list", "data": data, "model": body["model"]}
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> StreamingResponse:
@@ -93,6 +175,8 @@ def canned_service() -> FastAPI:
         last = body["messages"][-1]["content"]
         lang = "zh" if any("\u4e00" <= c <= "\u9fff" for c in last) else "en"
         answer = ANSWERS[lang] if last in QUESTIONS.values() else f"({last})"
+        if any(last.endswith(q) for q in KB_QUESTIONS.values()):  # the RAG prompt ends with it
+            answer = KB_ANSWERS[lang]
 
         async def stream() -> AsyncIterator[str]:
             for i in range(0, len(answer), 16):
@@ -160,8 +244,32 @@ class User:
         return conv
 
 
-def seed(base: str) -> dict[str, int]:
-    """alice (the admin) with conversations in both languages; bob and carol with some usage."""
+def seed_kb(alice: User, lang: str) -> tuple[int, int]:
+    """A knowledge base of a few documents (ingested) and a conversation answering from it with
+    citations: (kb id, conversation id)."""
+    kb = alice.call(
+        "POST",
+        "/api/kbs",
+        {"name": KB_NAMES[lang], "description": KB_DESCRIPTIONS[lang], "visibility": "shared_read"},
+    ).json()["id"]
+    files = [("files", (n, t.encode(), "text/plain")) for n, t in KB_DOCUMENTS[lang].items()]
+    alice.http.post(
+        f"/api/kbs/{kb}/documents", files=files, headers=alice.headers
+    ).raise_for_status()
+    with alice.http.stream("GET", f"/api/kbs/{kb}/documents/progress") as r:
+        r.read()  # ends once every document has settled
+    conv = alice.call("POST", "/api/conversations", {"model": "qwen2.5-7b-instruct"}).json()["id"]
+    alice.call("PUT", f"/api/conversations/{conv}/kbs", {"kb_ids": [kb]})
+    path = f"/api/conversations/{conv}/messages"
+    body = {"content": KB_QUESTIONS[lang]}
+    with alice.http.stream("POST", path, json=body, headers=alice.headers) as r:
+        r.read()
+    return kb, conv
+
+
+def seed(base: str) -> tuple[dict[str, int], dict[str, tuple[int, int]]]:
+    """alice (the admin) with conversations and a knowledge base in both languages; bob and
+    carol with some usage. The chat conversations and the (kb, conversation) pairs by language."""
     alice = User(base, "alice")
     for name in ("bob", "carol", "dmitri"):
         alice.call("POST", "/api/admin/users", {"username": name, "password": PASSWORD})
@@ -180,7 +288,8 @@ def seed(base: str) -> dict[str, int]:
         )
         settings = {"system_prompt": system, "temperature": 0.3, "model": "qwen2.5-7b-instruct"}
         ids[lang] = alice.chat(QUESTIONS[lang], **settings)
-    return ids
+    kbs = {lang: seed_kb(alice, lang) for lang in ("en", "zh")}
+    return ids, kbs
 
 
 def shoot(page: Page, path: Path) -> None:
@@ -200,7 +309,7 @@ def main() -> None:
     data_dir = Path(tempfile.mkdtemp(prefix="surge-shots-"))
     app = Served(create_app(AppConfig(api_base=f"{service.url}/v1", data_dir=data_dir)))
     try:
-        ids = seed(app.url)
+        ids, kbs = seed(app.url)
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
             context = browser.new_context(viewport={"width": 1280, "height": 800}, locale="en-US")
@@ -220,6 +329,19 @@ def main() -> None:
                 page.goto(f"{app.url}/#/admin")
                 page.wait_for_selector("tr[data-user=carol]")
                 shoot(page, out / f"admin-{lang}.png")
+                kb, conv = kbs[lang]
+                page.goto(f"{app.url}/#/kbs/{kb}")
+                page.wait_for_selector(".doc-row[data-status=done]")
+                page.fill(".retrieval-query", KB_QUESTIONS[lang])
+                page.click(".retrieval-form button[type=submit]")
+                page.wait_for_selector(".hit")
+                page.set_viewport_size({"width": 1280, "height": 1240})  # the page and its hits
+                shoot(page, out / f"kb-{lang}.png")
+                page.set_viewport_size({"width": 1280, "height": 800})
+                page.goto(f"{app.url}/#/c/{conv}")
+                page.locator(".msg-assistant a.citation").first.click()
+                page.wait_for_selector(".passage-panel .passage-text")
+                shoot(page, out / f"citations-{lang}.png")
             browser.close()
     finally:
         app.stop()

@@ -65,6 +65,7 @@ def test_kb_upload_ask_and_open_a_citation(app_url: str, open_page: PageFactory)
     expect(page.locator(".doc-row[data-file='manual.md']")).to_have_attribute("data-status", "done")
     expect(page.locator(".doc-row[data-file='faq.md']")).to_have_attribute("data-status", "done")
     expect(page.locator(".doc-progress")).to_have_count(0)
+    expect(page.locator(".doc-row[data-file='manual.md'] .status-cell")).to_have_text("done")
 
     upload(page, ("manual-copy.md", MANUAL))  # the same bytes again
     expect(results.locator("li.upload-duplicate")).to_contain_text("already holds")

@@ -159,8 +159,8 @@ class KbPage {
       h("td", { class: "actions" }, cancel, reindex, remove));
     const update = (d) => {
       el.setAttribute("data-status", d.status);
-      clear(status).append(statusLabel(d), progressBar(d),
-        d.error ? h("small", { class: "error-detail doc-error" }, d.error) : null);
+      const error = d.error ? h("small", { class: "error-detail doc-error" }, d.error) : null;
+      clear(status).append(...[statusLabel(d), progressBar(d), error].filter(Boolean));
       chunks.textContent = d.status === "done" ? d.num_chunks.toLocaleString(getLang()) : "";
       if (cancel) cancel.hidden = !isActive(d);
       if (reindex) reindex.hidden = d.status === "processing";

@@ -70,7 +70,6 @@ export class KnowledgeBar {
     for (const id of this.kbIds) {
       const kb = this.kbs.find((k) => k.id === id);
       this.chips.append(h("span", { class: "chip kb-chip", "data-kb": id },
-        h("span", { class: "chip-icon", "aria-hidden": "true" }, "📚"),
         kb ? kb.name : `#${id}`,
         h("button", { type: "button", class: "icon detach", "i18n-title": "know.detach",
           "i18n-aria-label": "know.detach", onclick: () => this.setKbs(this.kbIds
@@ -169,7 +168,6 @@ export class KnowledgeBar {
     for (const doc of docs) {
       this.files.append(h("span", { class: "chip file-chip", "data-doc": doc.id,
         "data-file": doc.file_name, "data-status": doc.status },
-      h("span", { class: "chip-icon", "aria-hidden": "true" }, "📄"),
       doc.file_name, " ", statusLabel(doc), progressBar(doc),
       doc.error ? h("small", { class: "error-detail", title: doc.error }, "!") : null,
       h("button", { type: "button", class: "icon detach", "i18n-title": "know.removeFile",
