@@ -9,7 +9,8 @@ import re
 import pytest
 
 from tests.app.browser import PageFactory
-from tests.app.fake_upstream import KB_ANSWER
+from tests.app.conftest import AppFactory
+from tests.app.fake_upstream import HOLD_MARKER, KB_ANSWER, FakeUpstream
 from tests.app.test_browser import last_answer, send, sign_up
 
 pytest.importorskip("playwright.sync_api", reason="the playwright package (the [test] extra)")
@@ -137,13 +138,14 @@ def test_a_second_user_cannot_see_a_private_kb(app_url: str, open_page: PageFact
     secret = create_kb(alice, "Alice's secrets")
     create_kb(alice, "Team handbook", visibility="shared_read")
 
-    bob = open_page(app_url)
+    bob = open_page(app_url, locale="zh-CN")  # and the pages in Chinese
     sign_up(bob, "bob")
     bob.click("a[href='#/kbs']")
+    expect(bob.locator(".kb-page h2")).to_have_text("知识库")
     rows = bob.locator(".kb-row")
     expect(rows).to_have_count(1)
     expect(rows).to_contain_text("Team handbook")
-    expect(rows).to_contain_text("Shared, read-only")
+    expect(rows).to_contain_text("共享（只读）")
     expect(rows.locator(".delete-kb")).to_have_count(0)  # not his to delete
     bob.goto(f"{app_url}/#/kbs/{secret}")
     expect(bob.locator(".kb-missing")).to_be_visible()
@@ -152,3 +154,38 @@ def test_a_second_user_cannot_see_a_private_kb(app_url: str, open_page: PageFact
     bob.click(".kb-picker-toggle")
     expect(bob.locator(".kb-option")).to_have_count(1)  # the shared one only
     assert bob.request.get(f"{app_url}/api/kbs/{secret}").status == 404
+
+
+def test_cancel_reindex_delete_and_an_upload_over_the_limit(
+    make_app: AppFactory, open_page: PageFactory, fake: FakeUpstream
+) -> None:
+    url = make_app(max_upload_bytes=4096)
+    page = open_page(url)
+    sign_up(page, "alice")
+    create_kb(page, "Held")
+    fake.embed_held.clear()
+    fake.embed_release.clear()  # the document's embeddings wait: it stays processing
+    try:
+        upload(page, ("held.md", f"# Held\n\n{HOLD_MARKER} until released.\n".encode()))
+        row = page.locator(".doc-row[data-file='held.md']")
+        expect(row).to_have_attribute("data-status", "processing")
+        expect(row.locator("progress.doc-progress")).to_be_visible()
+        row.locator(".cancel-doc").click()
+        expect(row).to_have_attribute("data-status", "cancelled")
+        expect(row.locator(".status-cell")).to_have_text("cancelled")
+    finally:
+        fake.embed_release.set()
+    row.locator(".reindex-doc").click()
+    expect(row).to_have_attribute("data-status", "done")
+    page.accept_dialogs = True  # type: ignore[attr-defined]
+    row.locator(".delete-doc").click()
+    expect(page.locator(".doc-row")).to_have_count(0)
+    assert page.dialogs == ["Delete the document “held.md”?"]  # type: ignore[attr-defined]
+
+    upload(page, ("big.md", b"x" * 5000))
+    expect(page.locator(".upload-results")).to_contain_text("too large for this server (413)")
+
+    page.click("a[href='#/kbs']")
+    page.locator(".kb-row", has_text="Held").locator(".delete-kb").click()
+    expect(page.locator(".kb-empty")).to_be_visible()
+    assert page.errors == []  # type: ignore[attr-defined]
