@@ -58,7 +58,7 @@ def test_kb_upload_ask_and_open_a_citation(app_url: str, open_page: PageFactory)
 
     upload(page, ("manual.md", MANUAL), ("faq.md", FAQ), ("tool.exe", b"MZ\x90\x00"))
     results = page.locator(".upload-results")
-    expect(results.locator("li[data-file='manual.md']")).to_contain_text("being indexed")
+    expect(results.locator("li[data-file='manual.md']")).to_contain_text("uploaded")
     expect(results.locator("li[data-file='tool.exe']")).to_contain_text("not a supported")
     rows = page.locator(".doc-row")
     expect(rows).to_have_count(2)

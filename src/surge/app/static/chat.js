@@ -132,7 +132,7 @@ class ChatView {
 
   /** Stop what the page follows in the background (attached files' progress). */
   close() {
-    this.knowledge.close();
+    this.knowledge.destroy();
   }
 
   /** Give saved knowledge-base answers their sources (citations as links) again. */

@@ -107,7 +107,7 @@ export async function uploadFiles(path, files, resultsEl) {
     answer = await upload(path, files);
   } catch (e) {
     if (!(e instanceof ApiError)) throw e;
-    resultsEl.replaceChildren(uploadError(e));
+    resultsEl.replaceChildren(uploadError(e), dismiss(resultsEl));
     return false;
   }
   resultsEl.replaceChildren(
@@ -119,8 +119,15 @@ export async function uploadFiles(path, files, resultsEl) {
       h("strong", {}, r.file_name), " ",
       h("span", { i18n: REJECT_KEYS[r.code] || "upload.rejected" }),
       h("small", { class: "error-detail" }, r.message))),
+    dismiss(resultsEl),
   );
   return answer.uploaded.length > 0;
+}
+
+function dismiss(resultsEl) {
+  return h("li", { class: "upload-dismiss" }, h("button", { type: "button", class: "icon",
+    "i18n-title": "upload.dismiss", "i18n-aria-label": "upload.dismiss",
+    onclick: () => resultsEl.replaceChildren() }, "✕"));
 }
 
 const REJECT_KEYS = {

@@ -28,11 +28,14 @@ export class KnowledgeBar {
       "aria-haspopup": "true", i18n: "know.pick", onclick: () => this.togglePicker() });
     const attach = h("button", { type: "button", class: "attach-file", i18n: "know.attach",
       "i18n-title": "know.attachHint", onclick: () => this.fileInput.click() });
+    const anchor = h("span", { class: "picker-anchor" }, toggle, this.picker);
+    this.onOutsideClick = (e) => { if (!anchor.contains(e.target)) this.picker.hidden = true; };
+    document.addEventListener("click", this.onOutsideClick);
     this.el = h("div", { class: "knowledge-bar" },
       h("div", { class: "row" },
         h("span", { class: "knowledge-label", i18n: "know.label" }),
         this.chips, this.files,
-        h("span", { class: "picker-anchor" }, toggle, this.picker), attach, this.fileInput,
+        anchor, attach, this.fileInput,
         this.message),
       this.results);
     this.picker.addEventListener("keydown", (e) => {
@@ -60,9 +63,16 @@ export class KnowledgeBar {
     return knowledge ? knowledge.sources : {};
   }
 
+  /** Stop following the files' progress. */
   close() {
     this.watch?.stop();
     this.watch = null;
+  }
+
+  /** The page goes: stop everything. */
+  destroy() {
+    this.close();
+    document.removeEventListener("click", this.onOutsideClick);
   }
 
   showKbs() {
@@ -142,6 +152,9 @@ export class KnowledgeBar {
     }
     this.conversationId = conv.id;
     if (await uploadFiles(`api/conversations/${conv.id}/files`, files, this.results)) {
+      // the files' chips show how each one goes on: keep only duplicates and refusals here
+      for (const ok of this.results.querySelectorAll(".upload-ok")) ok.remove();
+      if (this.results.children.length === 1) this.results.replaceChildren();
       await this.refreshFiles();
       this.follow();
     }
