@@ -317,6 +317,19 @@ def add_web_app_args(parser: argparse.ArgumentParser) -> None:
     ui.add_argument(
         "--secure-cookies", action="store_true", help="behind HTTPS: the app's cookies are Secure"
     )
+    add_upload_size_arg(ui)
+
+
+def add_upload_size_arg(parser: argparse._ActionsContainer) -> None:
+    """--max-upload-size: the web app's upload limit (its own, not --max-body-size)."""
+    from surge.app.config import AppConfig
+
+    parser.add_argument(
+        "--max-upload-size",
+        type=parse_size,
+        default=AppConfig.max_upload_bytes,
+        help="the web app's largest upload (all its files together), e.g. 100MiB",
+    )
 
 
 def ui_config_from_args(args: argparse.Namespace) -> UIConfig | None:
@@ -331,7 +344,7 @@ def ui_config_from_args(args: argparse.Namespace) -> UIConfig | None:
     if args.port == 0:
         raise ValueError("the web app must know the server's port: give --port, or --no-ui")
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
-    return UIConfig(data_dir, args.database_url, args.secure_cookies)
+    return UIConfig(data_dir, args.database_url, args.secure_cookies, args.max_upload_size)
 
 
 def server_config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -551,6 +564,7 @@ def cmd_app(args: argparse.Namespace) -> int:
             data_dir=Path(args.data_dir) if args.data_dir else default_data_dir(),
             database_url=args.database_url,
             secure_cookies=args.secure_cookies,
+            max_upload_bytes=args.max_upload_size,
         )
     except ValueError as e:
         logger.error("%s", e)
@@ -573,6 +587,7 @@ def add_app_parser(sub: argparse._SubParsersAction) -> None:
         "--database-url", default=None, help="another store, e.g. postgresql+asyncpg://..."
     )
     p.add_argument("--secure-cookies", action="store_true", help="behind HTTPS: Secure cookies")
+    add_upload_size_arg(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     p.set_defaults(func=cmd_app)

@@ -291,7 +291,47 @@ def test_file_names_are_labels_and_uploads_are_bounded(
         headers = {"Content-Type": "multipart/form-data; boundary=b", **b.headers()}
         chunked = b.client.post(path, content=body, headers=headers)
         assert chunked.status_code == 413
+        assert chunked.json()["error"]["code"] == "upload_too_large"
         assert [d["file_name"] for d in b.get(path).json()] == ["passwd"]
+    finally:
+        b.close()
+
+
+def test_bodies_are_bounded_and_uploads_wait_for_a_session(make_app: AppFactory) -> None:
+    """JSON routes take max_json_bytes (anyone, logged in or not); an upload's body is not
+    read for a client that is not logged in (401 while it is still sending)."""
+    url = make_app(max_upload_bytes=1_000_000, max_json_bytes=10_000)
+    b = Browser(url)
+    try:
+        big = {"username": "x" * 20_000, "password": "password123"}
+        refused = b.client.post("/api/signup", json=big)
+        assert refused.status_code == 413, refused.text
+        assert refused.json()["error"]["code"] == "body_too_large"
+        # the same without a Content-Length: counted as it streams in
+        chunks = iter([b'{"username": "', b"x" * 8_000, b"x" * 8_000, b'"}'])
+        headers = {"Content-Type": "application/json"}
+        streamed = b.client.post("/api/signup", content=chunks, headers=headers)
+        assert streamed.status_code == 413 and streamed.json()["error"]["code"] == "body_too_large"
+        assert b.signup("alice").status_code == 201
+        kb = new_kb(b)
+
+        def body() -> Iterator[bytes]:
+            yield b"--b\r\nContent-Disposition: form-data; name=files; filename=a.txt\r\n\r\n"
+            for _ in range(90):
+                yield b"y" * 10_000
+            yield b"\r\n--b--\r\n"
+
+        anonymous = httpx.Client(base_url=url, timeout=30.0)
+        multipart = {"Content-Type": "multipart/form-data; boundary=b"}
+        resp = anonymous.post(f"/api/kbs/{kb}/documents", content=body(), headers=multipart)
+        anonymous.close()
+        assert resp.status_code == 401
+        # an upload may be larger than a JSON body, up to max_upload_bytes
+        accepted = b.client.post(
+            f"/api/kbs/{kb}/documents", content=body(), headers=multipart | b.headers()
+        )
+        assert accepted.status_code == 201, accepted.text
+        assert accepted.json()["uploaded"][0]["document"]["size_bytes"] == 900_000
     finally:
         b.close()
 

@@ -3,6 +3,7 @@ win, and the app reaches the model over the server's own HTTP API with its inter
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -14,7 +15,8 @@ from surge.server.app import create_app
 from surge.server.auth import KeyInfo, KeyStore, hash_key
 from surge.server.protocol import APIError
 from surge.server.web_ui import UIConfig, internal_host
-from tests.app.servers import Browser, events
+from tests.app.servers import Browser, events, wait_for
+from tests.encoders.tiny_encoders import make_tiny_embedding_dir
 from tests.server.conftest import TINY_ARGS
 from tests.server.utils import remote_server
 
@@ -100,3 +102,62 @@ def test_the_app_chats_through_the_servers_api(tiny_model_dir: Path, tmp_path: P
             user.close()
         assert (tmp_path / "app" / "surge-app.db").exists()
         assert httpx.get(server.url("/health")).status_code == 200
+
+
+def test_uploads_over_the_servers_body_limit(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The app's uploads have their own limit (--max-upload-size), not the server's 8 MiB
+    --max-body-size, which still guards /v1; the app's JSON routes have a small one."""
+    emb = make_tiny_embedding_dir(tmp_path / "emb")
+    args = [*TINY_ARGS, "--model", f"base={tiny_model_dir}", "--model", f"emb={emb}"]
+    args += ["--data-dir", str(tmp_path / "app"), "--max-upload-size", "10MiB"]
+    with remote_server(None, args) as server:
+        user = Browser(server.base_url)
+        try:
+            assert user.signup("alice").status_code == 201
+            kb = user.send("POST", "/api/kbs", {"name": "big"}).json()["id"]
+            path = f"/api/kbs/{kb}/documents"
+            line = b"The quick brown fox jumps over the lazy dog. " * 20 + b"\n\n"
+            text = line * (9 * 1024 * 1024 // len(line) + 1)  # a little over 9 MiB
+            files = [("files", ("big.txt", text, "text/plain"))]
+            accepted = user.client.post(path, files=files, headers=user.headers(), timeout=120)
+            assert accepted.status_code == 201, accepted.text
+            document = accepted.json()["uploaded"][0]["document"]
+            assert document["size_bytes"] == len(text)
+            doc_path = f"{path}/{document['id']}"
+            wait_for(
+                lambda: user.get(doc_path).json()["status"] in ("processing", "done"),
+                "ingestion to start",
+                timeout=60,
+            )
+            user.send("POST", f"{doc_path}/cancel")  # the rest of the work is not the test's
+
+            sent = 0
+
+            def too_big() -> Iterator[bytes]:  # 40 MiB offered, no Content-Length
+                nonlocal sent
+                yield b"--b\r\nContent-Disposition: form-data; name=files; filename=x.txt\r\n\r\n"
+                for _ in range(40):
+                    sent += 1
+                    yield b"y" * (1024 * 1024)
+                yield b"\r\n--b--\r\n"
+
+            headers = {"Content-Type": "multipart/form-data; boundary=b", **user.headers()}
+            refused = user.client.post(path, content=too_big(), headers=headers, timeout=60)
+            assert refused.status_code == 413
+            assert refused.json()["error"]["code"] == "upload_too_large"
+            assert sent < 40  # refused once past the limit, not after the whole body
+            huge_json = user.send("POST", "/api/conversations", {"title": "x" * (2 * 1024**2)})
+            assert huge_json.status_code == 413
+            assert huge_json.json()["error"]["code"] == "body_too_large"
+            assert [d["file_name"] for d in user.get(path).json()] == ["big.txt"]
+        finally:
+            user.close()
+        # /v1 keeps the server's own limit (OpenAI's error shape)
+        body = b'{"model": "base", "prompt": "' + b"x" * (9 * 1024 * 1024) + b'"}'
+        v1 = httpx.post(
+            server.url("/v1/completions"),
+            content=body,
+            headers={"Content-Type": "application/json"},
+            timeout=60,
+        )
+        assert v1.status_code == 413 and v1.json()["error"]["type"] == "invalid_request_error"

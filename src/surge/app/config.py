@@ -30,7 +30,8 @@ class AppConfig:
     database_url: str | None = None  # None: SQLite in data_dir
     signup_open: bool = True  # the first user can always sign up (and becomes admin)
     max_requests_per_minute: int = 120  # per user, on the app's own endpoints
-    max_upload_bytes: int = 100 * 1024 * 1024
+    max_upload_bytes: int = 100 * 1024 * 1024  # an upload's body (all its files together)
+    max_json_bytes: int = 1024 * 1024  # any other request's body
     secure_cookies: bool = False  # set behind HTTPS: cookies get the Secure flag
     session_ttl_s: float = 14 * 24 * 3600.0
     upstream_connect_timeout_s: float = 10.0
@@ -42,6 +43,8 @@ class AppConfig:
             raise ValueError("max_requests_per_minute must be at least 1")
         if self.max_upload_bytes < 1:
             raise ValueError("max_upload_bytes must be at least 1")
+        if self.max_json_bytes < 1:
+            raise ValueError("max_json_bytes must be at least 1")
 
     @property
     def store_url(self) -> str:

@@ -129,12 +129,12 @@ async def set_conversation_kbs(
     openapi_extra=UPLOAD_BODY,
 )
 async def attach_files(
-    request: Request, conversation: OwnedConversation, db: Db, state: State, service: KB
+    request: Request, conversation: OwnedConversation, db: Db, service: KB
 ) -> UploadOut:
     """POST /api/conversations/{id}/files (multipart, one or more `files`) → 201 like a
     knowledge-base upload. File chat: the files go to the conversation's own hidden knowledge
     base (made on first use, deleted with the conversation), and its answers cite them."""
-    files = await read_upload(request, state.config.max_upload_bytes)
+    files = await read_upload(request)
     async with service.files_lock:  # two first uploads at once make one store
         kb_id = await files_kb_id(db, conversation.id)
         if kb_id is None:

@@ -4,9 +4,10 @@ answers as soon as its files are stored and queued, and the documents' status an
 show how far each has got.
 
 An upload's request body may hold at most the app's `max_upload_bytes` (all its files
-together): a larger one is refused with 413 from its Content-Length before anything is read,
-or as soon as the bytes read pass the limit. A file's name is only ever a label: files are
-stored under their content hash (`kb.blobs.BlobStore`)."""
+together): `limits.AppBodyLimitMiddleware` refuses a larger one with 413, from its
+Content-Length before anything is read, or as soon as the bytes read pass the limit; the
+session is checked (the routes' dependencies) before the body is read. A file's name is only
+ever a label: files are stored under their content hash (`kb.blobs.BlobStore`)."""
 
 from __future__ import annotations
 
@@ -54,34 +55,14 @@ UPLOAD_BODY = {
 }
 
 
-def _too_large(max_bytes: int) -> AppError:
-    mib = max_bytes / (1024 * 1024)
-    return AppError(
-        413,
-        "upload_too_large",
-        f"the upload is over the limit of {max_bytes} bytes ({mib:.1f} MiB); "
-        "send fewer or smaller files",
-    )
-
-
-async def read_upload(request: Request, max_bytes: int) -> list[tuple[str, bytes]]:
-    """The (file name, bytes) of each file in a multipart upload (field `files`, or `file`)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_bytes:
-        raise _too_large(max_bytes)
+async def read_upload(request: Request) -> list[tuple[str, bytes]]:
+    """The (file name, bytes) of each file in a multipart upload (field `files`, or `file`);
+    the parser spools the files to temporary files as the body streams in (its size is
+    bounded by `limits.AppBodyLimitMiddleware`)."""
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise AppError(415, "not_multipart", "send the files as multipart/form-data (`files`)")
-
-    async def bounded() -> AsyncIterator[bytes]:
-        total = 0
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total > max_bytes:
-                raise _too_large(max_bytes)
-            yield chunk
-
     parser = MultiPartParser(
-        request.headers, bounded(), max_files=MAX_FILES_PER_UPLOAD, max_fields=10
+        request.headers, request.stream(), max_files=MAX_FILES_PER_UPLOAD, max_fields=10
     )
     try:
         form = await parser.parse()
@@ -149,13 +130,11 @@ KbDocument = Annotated[Document, Depends(kb_document)]
 
 
 @router.post("", status_code=201, operation_id="upload_documents", openapi_extra=UPLOAD_BODY)
-async def upload_documents(
-    request: Request, kb: WritableKB, db: Db, state: State, service: KB
-) -> UploadOut:
+async def upload_documents(request: Request, kb: WritableKB, db: Db, service: KB) -> UploadOut:
     """POST /api/kbs/{kb_id}/documents (multipart/form-data, one or more `files`) → 201
     {"uploaded": [{file_name, duplicate, document}], "rejected": [{file_name, code, message}]}.
     413 when the body is over max_upload_bytes; 403 on a knowledge base shared read-only."""
-    files = await read_upload(request, state.config.max_upload_bytes)
+    files = await read_upload(request)
     return await ingest_upload(db, service, kb.id, files)
 
 

@@ -14,6 +14,7 @@ from surge.app.db import create_schema, make_engine, make_sessions
 from surge.app.deps import AppState
 from surge.app.errors import AppError, app_error_handler
 from surge.app.kb_service import KnowledgeService
+from surge.app.limits import AppBodyLimitMiddleware
 from surge.app.security import RateLimiter
 from surge.app.upstream import Upstream, make_client
 
@@ -54,6 +55,11 @@ def create_app(config: AppConfig, *, clock: Callable[[], float] = time.monotonic
         redoc_url=None,
     )
     app.add_exception_handler(AppError, app_error_handler)
+    app.add_middleware(
+        AppBodyLimitMiddleware,
+        max_upload_bytes=config.max_upload_bytes,
+        max_json_bytes=config.max_json_bytes,
+    )
     for module in (accounts, admin, conversations, chat, kb_routes, kb_documents, kb_chat):
         app.include_router(module.router)
 

@@ -110,12 +110,12 @@ def create_app(
 
 def _add_middleware(app: FastAPI, state: ServerState, with_ui: bool) -> None:
     """Outermost last: Host guard, CORS, key + rate check, body limit (see middleware.py). The
-    web app's paths have their own log-in: no key check there."""
+    web app's paths have their own log-in and body limits: no key check or body limit there."""
     config = state.config
     skip = None
     if with_ui:
         from surge.app.pages import owns_path as skip
-    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=config.max_body_bytes, skip=skip)
     app.add_middleware(
         KeyCheckMiddleware, keys=state.keys, check_limits=state.admission.check_key, skip=skip
     )

@@ -111,14 +111,18 @@ class KeyCheckMiddleware:
 
 
 class BodyLimitMiddleware:
-    """413 for a request body over `max_bytes` (by Content-Length, or counted as it streams in)."""
+    """413 for a request body over `max_bytes` (by Content-Length, or counted as it streams in).
+    Paths `skip` names (the web app's) are left to their own limits (`surge.app.limits`)."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, skip: Callable[[str], bool] | None = None
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.skip = skip
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or (self.skip is not None and self.skip(scope["path"])):
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])

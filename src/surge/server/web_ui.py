@@ -7,8 +7,9 @@ only, and its hash added to the key store as an internal key (`KeyStore.add_inte
 works whether or not the API is open, and carries no rate limits: the app limits its own users
 (per user) and counts their usage itself.
 
-The app's pages and API (/, /static/..., /api/...) have their own log-in, so the API-key check
-skips them; the server's routes (/v1/..., /health, /ready, /metrics, /docs) match first and keep
+The app's pages and API (/, /static/..., /api/...) have their own log-in and body limits
+(`surge.app.limits`: an upload may be far larger than --max-body-size), so the API-key check
+and the server's body limit skip them; the server's routes (/v1/..., /health, /ready, /metrics, /docs) match first and keep
 their own 404s and 405s.
 """
 
@@ -36,6 +37,7 @@ class UIConfig:
     data_dir: Path = field(default_factory=default_data_dir)
     database_url: str | None = None  # e.g. postgresql+asyncpg://user@host/surge
     secure_cookies: bool = False  # behind HTTPS
+    max_upload_bytes: int = AppConfig.max_upload_bytes  # a knowledge-base upload's body
 
 
 def internal_host(bind_host: str) -> str:
@@ -55,5 +57,6 @@ def add_web_app(app: FastAPI, keys: KeyStore, config: ServerConfig, ui: UIConfig
         data_dir=ui.data_dir,
         database_url=ui.database_url,
         secure_cookies=ui.secure_cookies,
+        max_upload_bytes=ui.max_upload_bytes,
     )
     mount_app(app, create_app(app_config))
