@@ -60,9 +60,8 @@ export class ProgressWatch {
     try {
       if (failed) await new Promise((resolve) => setTimeout(resolve, RETRY_DELAY_MS));
       documents = await this.listDocuments();
-    } catch (e) {
-      if (!(e instanceof ApiError)) throw e;
-      return;
+    } catch {
+      return; // gone (404), logged out, or offline: the page's next load looks again
     }
     if (this.stopped) return;
     this.onDocuments(documents);
