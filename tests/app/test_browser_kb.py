@@ -81,6 +81,10 @@ def test_kb_upload_ask_and_open_a_citation(app_url: str, open_page: PageFactory)
     expect(top.locator(".score-bm25 .score-value")).to_have_text(re.compile(r"^\d+\.\d{3}$"))
     expect(top.locator(".score-vector")).to_be_visible()
     expect(top).to_have_class(re.compile("relevant"))
+    page.select_option(".lang-select", "zh")  # the page, results included, switches in place
+    expect(page.locator(".retrieval-summary")).to_have_text(re.compile(r"^共 \d+ 个段落"))
+    expect(top.locator(".badge")).to_have_text("相关")
+    page.select_option(".lang-select", "en")
 
     # a conversation with the knowledge base attached answers with verified citations
     page.click("a[href='#/']")

@@ -5,7 +5,7 @@
 // private-use marker the sanitizer keeps, and the markers are swapped for links afterwards.
 
 import { clear, h } from "./dom.js";
-import { t } from "./i18n.js";
+import { t, tr } from "./i18n.js";
 import { renderMarkdown } from "./render.js";
 
 const OPEN = "\uE000";
@@ -94,8 +94,10 @@ export class PassagePanel {
     this.number.textContent = `[${number}]`;
     this.file.textContent = passage.file_name;
     clear(this.meta);
-    if (passage.page) this.meta.append(h("span", { class: "passage-page" },
-      t("cite.page", { page: passage.page })));
+    if (passage.page) {
+      this.meta.append(tr(h("span", { class: "passage-page" }), "cite.page", null,
+        { page: passage.page }));
+    }
     if (passage.heading) this.meta.append(h("span", { class: "passage-heading" },
       passage.heading));
     this.text.textContent = passage.text;

@@ -351,14 +351,17 @@ export function t(key, vars = {}) {
   return text.replace(/\{(\w+)\}/g, (_, name) => String(vars[name] ?? ""));
 }
 
-/** Show `key` in `el` (as its text, or as the attribute `attr`) and keep it translated. */
-export function tr(el, key, attr = null) {
+/** Show `key` in `el` (as its text, or as the attribute `attr`) and keep it translated;
+ * `vars` fill its placeholders (kept with it, for the text only). */
+export function tr(el, key, attr = null, vars = null) {
   if (attr) {
     el.setAttribute(`data-i18n-${attr}`, key);
     el.setAttribute(attr, t(key));
   } else {
     el.setAttribute("data-i18n", key);
-    el.textContent = t(key);
+    if (vars) el.setAttribute("data-i18n-vars", JSON.stringify(vars));
+    else el.removeAttribute("data-i18n-vars");
+    el.textContent = t(key, vars || {});
   }
   return el;
 }
@@ -369,7 +372,8 @@ const ATTRS = ["placeholder", "title", "aria-label"];
 export function translate(root = document) {
   document.documentElement.lang = lang === "zh" ? "zh-CN" : "en";
   for (const el of root.querySelectorAll("[data-i18n]")) {
-    el.textContent = t(el.getAttribute("data-i18n"));
+    const vars = el.getAttribute("data-i18n-vars");
+    el.textContent = t(el.getAttribute("data-i18n"), vars ? JSON.parse(vars) : {});
   }
   for (const attr of ATTRS) {
     for (const el of root.querySelectorAll(`[data-i18n-${attr}]`)) {

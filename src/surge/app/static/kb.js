@@ -4,7 +4,7 @@
 
 import { ApiError, api } from "./api.js";
 import { clear, h } from "./dom.js";
-import { getLang, t } from "./i18n.js";
+import { getLang, t, tr } from "./i18n.js";
 import { ProgressWatch, formatSize, isActive, progressBar, showProblem, statusLabel,
   uploadFiles } from "./documents.js";
 import { VISIBILITIES, visibilityLabel } from "./kbs.js";
@@ -75,7 +75,7 @@ class KbPage {
         h("dt", { i18n: "kb.embeddingModel" }),
         h("dd", kb.embedding_model ? {} : { i18n: "kb.keywordsOnly" }, kb.embedding_model),
         h("dt", { i18n: "kb.splitting" }),
-        h("dd", {}, t("kb.splitValue", { size: kb.chunk_size, overlap: kb.overlap }))));
+        tr(h("dd"), "kb.splitValue", null, { size: kb.chunk_size, overlap: kb.overlap })));
   }
 
   uploadForm() {

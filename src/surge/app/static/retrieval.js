@@ -4,7 +4,7 @@
 
 import { ApiError, api } from "./api.js";
 import { clear, h } from "./dom.js";
-import { getLang, t } from "./i18n.js";
+import { getLang, t, tr } from "./i18n.js";
 import { showProblem } from "./documents.js";
 
 const MODES = ["hybrid", "bm25", "vector"];
@@ -40,7 +40,7 @@ export function retrievalPanel(kb) {
 
   function show(result) {
     clear(hits);
-    summary.textContent = t("ret.summary", { count: result.hits.length,
+    tr(summary, "ret.summary", null, { count: result.hits.length,
       vector: fmt(result.min_vector), coverage: fmt(result.min_coverage) });
     if (!result.hits.length) hits.append(h("li", { class: "hint", i18n: "ret.none" }));
     for (const hit of result.hits) hits.append(hitItem(hit));
@@ -62,11 +62,11 @@ function hitItem(hit) {
     h("span", { class: "score-name", i18n: `ret.score.${key}` }), " ",
     h("span", { class: "score-value" }, fmt(value)),
     rank ? h("span", { class: "score-rank" }, ` (#${rank})`) : null);
-  const text = h("p", { class: "hit-text clamped", title: t("ret.expand"),
+  const text = h("p", { class: "hit-text clamped", "i18n-title": "ret.expand",
     onclick: () => text.classList.toggle("clamped") }, p.text);
   return h("li", { class: hit.relevant ? "hit relevant" : "hit", "data-rank": hit.rank },
     h("div", { class: "hit-where" }, h("strong", { class: "hit-file" }, p.file_name),
-      p.page ? h("span", { class: "hit-page" }, t("cite.page", { page: p.page })) : null,
+      p.page ? tr(h("span", { class: "hit-page" }), "cite.page", null, { page: p.page }) : null,
       p.heading ? h("span", { class: "hit-heading" }, p.heading) : null,
       h("span", { class: hit.relevant ? "badge relevant" : "badge",
         i18n: hit.relevant ? "ret.relevant" : "ret.notRelevant" })),
