@@ -41,6 +41,9 @@ EMBED_DIM = 512
 _WORDS = re.compile(r"[\u4e00-\u9fff]|[a-z0-9-]+")
 
 
+RERANK_MARKER = "RERANKTOP"  # /v1/rerank puts a document containing it first
+
+
 def embed_texts(texts: list[str]) -> list[list[float]]:
     """Hashed bags of words (and Chinese characters): texts sharing words come out similar."""
     vectors = np.zeros((len(texts), EMBED_DIM), dtype=np.float32)
@@ -71,6 +74,7 @@ class FakeUpstream:
         self.headers: list[dict[str, str]] = []
         self.stall_closed = threading.Event()
         self.embed_requests: list[dict[str, object]] = []
+        self.rerank_requests: list[dict[str, object]] = []
         self.embed_held = threading.Event()
         self.embed_release = threading.Event()
         self.embed_release.set()
@@ -118,6 +122,18 @@ class FakeUpstream:
                 for i, vector in enumerate(embed_texts(texts))
             ]
             return {"object": "list", "data": data, "model": body["model"]}
+
+        @app.post("/v1/rerank")
+        async def rerank(request: Request) -> dict[str, object]:
+            # keeps the order it was given, except that a document with RERANK_MARKER goes first
+            body = await request.json()
+            self.rerank_requests.append(body)
+            results = [
+                {"index": i, "relevance_score": (1000.0 if RERANK_MARKER in doc else 0.0) - i}
+                for i, doc in enumerate(body["documents"])
+            ]
+            results.sort(key=lambda r: -r["relevance_score"])
+            return {"id": "rerank-1", "model": body["model"], "results": results}
 
         return app
 

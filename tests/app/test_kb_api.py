@@ -497,3 +497,24 @@ def test_asks_are_rate_limited(make_app: AppFactory) -> None:
         assert codes == [200, 200, 200, 429]
     finally:
         b.close()
+
+
+def test_the_services_rerank_model_orders_the_hits(admin: Browser, fake: FakeUpstream) -> None:
+    """The fake service serves a rerank model (rerank-y): hybrid retrieval hands it a pool of
+    candidates and its order wins (it puts the RERANKTOP passage first)."""
+    kb = new_kb(admin)
+    note = b"Tea notes. RERANKTOP green tea should steep two minutes at 80 degrees."
+    resp = upload(admin, f"/api/kbs/{kb}/documents", [("manual.md", MANUAL), ("note.txt", note)])
+    assert resp.status_code == 201, resp.text
+    settled(admin, f"/api/kbs/{kb}/documents")
+    before = len(fake.rerank_requests)
+    hits = admin.send("POST", f"/api/kbs/{kb}/search", {"query": "fault E-4471 dome", "top_k": 2})
+    assert hits.status_code == 200, hits.text
+    body = hits.json()["hits"]
+    assert "RERANKTOP" in body[0]["passage"]["text"] and body[0]["rerank"] == pytest.approx(
+        1000.0, abs=10
+    )
+    assert all(h["rerank"] is not None for h in body)
+    asked = fake.rerank_requests[before:]
+    assert len(asked) == 1 and asked[0]["model"] == "rerank-y"
+    assert asked[0]["query"] == "fault E-4471 dome" and len(asked[0]["documents"]) >= 2

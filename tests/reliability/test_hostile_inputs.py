@@ -219,7 +219,8 @@ def _route_cases() -> Iterator[Hostile]:
     """Unknown routes (404) and known routes with the wrong method (405)."""
     yield Hostile("unknown-route-get", "/v1/nope", b"", 404, None, method="GET", content_type=None)
     yield Hostile("unknown-route-post", "/v1/nope", chat(), 404, None)
-    yield Hostile("unknown-route-root", "/", b"", 404, None, method="GET", content_type=None)
+    # "/" is the web app's page; any other unknown path outside /v1 is the API's 404
+    yield Hostile("unknown-route-root", "/nope", b"", 404, None, method="GET", content_type=None)
     yield Hostile("get-chat", CHAT, b"", 405, None, method="GET", content_type=None)
     yield Hostile("get-completions", COMPLETIONS, b"", 405, None, method="GET", content_type=None)
     yield Hostile("put-tokenize", "/tokenize", b"{}", 405, None, method="PUT")

@@ -82,8 +82,10 @@ async def retrieve(state: AppState, question: Question) -> list[Hit]:
         kbs = [await store.get_kb(db, kb_id) for kb_id in question.kb_ids]
     readable = [kb for kb in kbs if kb and user and store.can_read(kb, user.id, user.is_admin)]
     results = await asyncio.gather(*(_search(service, kb, question) for kb in readable))
-    hits = sorted((h for hits in results for h in hits), key=lambda h: -h.hybrid)
-    return hits[: question.top_k]
+    hits = [h for hits in results for h in hits]
+    if hits and all(h.rerank is not None for h in hits):  # one cross-encoder scored them all
+        return sorted(hits, key=lambda h: -(h.rerank or 0.0))[: question.top_k]
+    return sorted(hits, key=lambda h: -h.hybrid)[: question.top_k]
 
 
 async def _search(service: KnowledgeService, kb: store.KnowledgeBase, q: Question) -> list[Hit]:

@@ -144,6 +144,7 @@ class HitOut(BaseModel):
     coverage: float  # share of the query's idf mass in the passage, 0 to 1
     bm25_rank: int | None
     vector_rank: int | None
+    rerank: float | None = None  # the service's rerank score, when it serves a rerank model
     relevant: bool  # clears a relevance threshold: an answer would be given this passage
 
     @classmethod
@@ -157,6 +158,7 @@ class HitOut(BaseModel):
             coverage=hit.coverage,
             bm25_rank=hit.bm25_rank,
             vector_rank=hit.vector_rank,
+            rerank=hit.rerank,
             relevant=relevant,
         )
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
+import time
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -29,6 +31,7 @@ from surge.app.kb.embed import EmbeddingError, service_embedder
 from surge.app.kb.index import EmbedFn, Hit, SearchMode, search
 from surge.app.kb.ingest import IngestConfig, Ingestor
 from surge.app.kb.parse import ParseLimits
+from surge.app.kb.rerank import POOL_FACTOR, RerankError, reorder, service_reranker
 from surge.app.kb.store import KnowledgeBase
 from surge.app.models import User
 from surge.app.upstream import (
@@ -41,6 +44,9 @@ from surge.app.upstream import (
 )
 
 MAX_CONCURRENT_JOBS = 2  # documents processed at once, across every user
+RERANK_LOOKUP_S = 60.0  # how long the service's rerank model (or its absence) is remembered
+
+logger = logging.getLogger(__name__)
 
 
 async def _keywords_only(texts: list[str]) -> np.ndarray:
@@ -73,6 +79,8 @@ class KnowledgeService:
     upstream: Upstream
     embedders: Embedders
     files_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # makes file-chat stores
+    # the service's rerank model (None: it serves none), and when that was last looked up
+    _reranker: tuple[float, str | None] | None = None
 
     @classmethod
     async def start(
@@ -115,10 +123,41 @@ class KnowledgeService:
                 502, "The model service listed its models badly.", retryable=True
             ) from e
 
+    async def rerank_model(self) -> str | None:
+        """The service's first rerank model (kind "rerank" in /v1/models), looked up at most
+        once a minute; None when it serves none or can't be asked."""
+        now = time.monotonic()
+        if self._reranker is not None and now - self._reranker[0] < RERANK_LOOKUP_S:
+            return self._reranker[1]
+        try:
+            resp = await self.upstream.client.get(f"{self.upstream.base}/models")
+            models = resp.json()["data"] if resp.status_code < 400 else []
+            found = next((m["id"] for m in models if m.get("kind") == "rerank"), None)
+        except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
+            found = None
+        self._reranker = (now, found)
+        return found
+
     async def search(
         self, kb: KnowledgeBase, query: str, *, top_k: int, mode: SearchMode
     ) -> list[Hit]:
-        """The best passages of `kb` for `query`; AppError 502 when embedding it failed."""
+        """The best passages of `kb` for `query`, reranked by the service's rerank model when it
+        serves one (hybrid mode); AppError 502 when embedding the query failed."""
+        model = await self.rerank_model() if mode is SearchMode.HYBRID else None
+        if model is None:
+            return await self._search(kb, query, top_k=top_k, mode=mode)
+        pool = await self._search(kb, query, top_k=top_k * POOL_FACTOR, mode=mode)
+        rerank = service_reranker(self.upstream.client, self.upstream.base, model)
+        try:
+            scores = await rerank(query, [hit.passage.text for hit in pool])
+        except (RerankError, httpx.HTTPError) as e:  # the hybrid order still stands
+            logger.warning("reranking with %s failed, keeping the hybrid order: %s", model, e)
+            return pool[:top_k]
+        return reorder(pool, scores, top_k)
+
+    async def _search(
+        self, kb: KnowledgeBase, query: str, *, top_k: int, mode: SearchMode
+    ) -> list[Hit]:
         try:
             index = await self.cache.get(kb.id)
         except LookupError as e:  # deleted meanwhile

@@ -80,6 +80,7 @@ class Hit:
     coverage: float  # share of the query's idf mass present in the passage, 0 to 1
     bm25_rank: int | None  # 1-based rank among the BM25 candidates, None outside them
     vector_rank: int | None
+    rerank: float | None = None  # the service's cross-encoder score, when it reranked them
 
 
 def indexed_text(heading: str | None, text: str) -> str:
