@@ -10,6 +10,7 @@ from argon2 import PasswordHasher
 from fastapi import FastAPI
 
 from surge.app.config import AppConfig
+from surge.app.limits import is_upload_path
 from surge.app.main import create_app, mount_app
 from surge.app.security import RateLimiter, csrf_matches, hash_token
 from surge.app.upstream import Delta, KeepAlive, UpstreamError, Usage, error_from_status, parse_line
@@ -106,3 +107,14 @@ def test_mount_app_runs_the_app_lifespan(tmp_path: Path) -> None:
 def test_config_rejects_nonsense() -> None:
     with pytest.raises(ValueError):
         AppConfig(max_requests_per_minute=0)
+
+
+def test_upload_paths() -> None:
+    """The routes that take max_upload_bytes; every other body gets max_json_bytes."""
+    assert is_upload_path("/api/kbs/3/documents")
+    assert is_upload_path("/api/conversations/12/files")
+    assert not is_upload_path("/api/kbs/3/documents/4/reindex")
+    assert not is_upload_path("/api/conversations/12/messages")
+    assert not is_upload_path("/api/kbs/x/documents")
+    with pytest.raises(ValueError):
+        AppConfig(max_json_bytes=0)
