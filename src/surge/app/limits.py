@@ -45,6 +45,24 @@ def too_large_response(max_bytes: int, upload: bool) -> JSONResponse:
     )
 
 
+# A body at most this far past its limit is read to the end (and dropped) before the 413 goes
+# out: a server that closes a connection with request bytes still unread makes the kernel reset
+# it, and the client may lose the 413 it hasn't read yet. Bigger bodies are not read: closed.
+DRAIN_MAX_BYTES = 4 * 1024 * 1024
+
+
+async def _drain(receive: Receive, budget: int) -> None:
+    """Read and drop the rest of the request body, up to `budget` bytes."""
+    drained = 0
+    while drained <= budget:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        drained += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
+
+
 class _BodyTooLarge(Exception):
     """Raised into the route from `receive` once the limit is passed."""
 
@@ -65,15 +83,19 @@ class AppBodyLimitMiddleware:
         limit = self.max_upload_bytes if upload else self.max_json_bytes
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > limit:
+            if int(declared) <= limit + DRAIN_MAX_BYTES:
+                await _drain(receive, DRAIN_MAX_BYTES + limit)
             await too_large_response(limit, upload)(scope, receive, send)
             return
         num_bytes = 0
         exceeded = started = False
+        more_body = True  # the client has more of the body to send
 
         async def counted() -> Message:
-            nonlocal num_bytes, exceeded
+            nonlocal num_bytes, exceeded, more_body
             message = await receive()
             if message["type"] == "http.request":
+                more_body = bool(message.get("more_body", False))
                 num_bytes += len(message.get("body", b""))
                 if num_bytes > limit:
                     exceeded = True
@@ -93,4 +115,6 @@ class AppBodyLimitMiddleware:
             if not exceeded:
                 raise
         if exceeded and not started:
+            if more_body:  # (past the last chunk, receive() would wait for the disconnect)
+                await _drain(receive, DRAIN_MAX_BYTES)
             await too_large_response(limit, upload)(scope, receive, send)
