@@ -38,17 +38,9 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from kb_ingest import EN_WORDS, ZH_WORDS  # the same vocabulary (benchmarks/ is on sys.path)
 
 PASSWORD = "password123"
-EN_WORDS = (
-    "dome shutter wind humidity telescope mirror motor fault reset controller visitor ticket "
-    "policy travel receipt hotel approval manager chain brake tyre pressure flour water starter "
-    "the a of and to in is with for on must should when after before every"
-).split()
-ZH_WORDS = (
-    "员工 年假 申请 流程 主管 审批 数据库 备份 节点 集群 端口 错误 延迟 网络 绿茶 水温 "
-    "保存 垃圾 分类 回收 电池 热线 预约 罚款 的 了 在 和 是 需要 可以 每天 提前"
-).split()
 TOPICS = ["telescopes", "bread", "bicycles", "databases", "tea", "travel", "recycling", "music"]
 
 

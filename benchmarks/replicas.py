@@ -48,8 +48,8 @@ from surge.bench.loadgen import (
     RequestResult,
     StreamAccumulator,
     make_session,
+    read_events,
     run_closed_loop,
-    sse_data,
     warm_up,
 )
 from surge.bench.machine import describe_cpu, machine_info
@@ -363,14 +363,7 @@ async def timed_stream(
             if resp.status != 200:
                 acc.result.error = f"HTTP {resp.status}: {(await resp.read())[:300]!r}"
             else:
-                pending = b""
-                async for data in resp.content.iter_any():
-                    now = time.perf_counter()
-                    *lines, pending = (pending + data).split(b"\n")
-                    for line in lines:
-                        payload = sse_data(line.decode(errors="replace").rstrip("\r"))
-                        if payload is not None:
-                            acc.feed(payload, now)
+                await read_events(resp, acc)
     except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError, OSError) as exc:
         acc.result.error = f"{type(exc).__name__}: {exc}"
     acc.started.set()

@@ -168,7 +168,7 @@ async def _post_chat(
                 text = (await resp.read()).decode(errors="replace")[:300]
                 acc.result.error = f"HTTP {resp.status}: {text}"
                 return acc.finish(time.perf_counter()), False
-            await _read_events(resp, acc)
+            await read_events(resp, acc)
     except aiohttp.ClientConnectionError as exc:
         acc.result.error = f"{type(exc).__name__}: {exc}"
         return acc.finish(time.perf_counter()), not responded
@@ -177,7 +177,7 @@ async def _post_chat(
     return acc.finish(time.perf_counter()), False
 
 
-async def _read_events(resp: aiohttp.ClientResponse, acc: StreamAccumulator) -> None:
+async def read_events(resp: aiohttp.ClientResponse, acc: StreamAccumulator) -> None:
     """Feed each SSE `data:` payload to acc, stamped with the arrival of the bytes that hold it."""
     pending = b""
     async for data in resp.content.iter_any():
