@@ -13,7 +13,7 @@ from tests.app.conftest import AppFactory
 from tests.app.fake_upstream import FakeUpstream
 
 pytest.importorskip("playwright.sync_api", reason="the playwright package (the [test] extra)")
-from playwright.sync_api import Page, expect  # noqa: E402
+from playwright.sync_api import Page, Route, expect  # noqa: E402
 
 PASSWORD = "password123"
 
@@ -217,3 +217,33 @@ def test_search_rename_and_delete_conversations(app_url: str, open_page: PageFac
     volcanoes.hover()
     volcanoes.locator(".delete").click()
     expect(links).to_have_text(["Birds of the south"])
+
+
+def test_new_chat_while_the_first_message_creates_its_conversation(
+    app_url: str, open_page: PageFactory
+) -> None:
+    # the conversation's creation is held in the browser, so the page is caught in the moment
+    # between Enter and the stream: it must already be busy, and "New chat" must leave it
+    page = open_page(app_url)
+    sign_up(page, "alice")
+    held: list[Route] = []
+
+    def hold_creation(route: Route) -> None:
+        held.append(route) if route.request.method == "POST" else route.continue_()
+
+    page.route("**/api/conversations", hold_creation)
+    send(page, "about penguins")
+    page.wait_for_function("() => document.querySelector('.composer .send.stop') !== null")
+    assert held, "the creation request was not made"
+    expect(last_answer(page).locator(".msg-actions .regenerate")).to_be_hidden()
+    expect(page.locator(".composer .send")).to_have_text("Stop")
+
+    page.click(".new-chat")
+    expect(page.locator(".hello")).to_be_visible()
+    with page.expect_response(lambda r: r.url.endswith("/messages")):
+        held[0].continue_()  # the old page's request now goes on: it must not move this page
+    page.unroute("**/api/conversations")
+    expect(page).to_have_url(re.compile(r"#/$"))
+    expect(page.locator(".hello")).to_be_visible()
+    page.reload()  # the first conversation was still made and answered
+    expect(page.locator(".conv-link")).to_have_text(["about penguins"])

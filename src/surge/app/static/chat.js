@@ -24,7 +24,8 @@ class ChatView {
   constructor(root) {
     this.conv = null; // the conversation shown (null: a new one, created at the first send)
     this.pending = { system_prompt: "", temperature: null }; // settings before it exists
-    this.controller = null; // the AbortController of the answer streaming in, if any
+    this.controller = null; // the AbortController of the answer under way (sent, not ended)
+    this.closed = false; // the page moved on: this view must not touch the URL any more
     this.renderQueued = new Set();
     this.build(root);
   }
@@ -132,6 +133,7 @@ class ChatView {
 
   /** Stop what the page follows in the background (attached files' progress). */
   close() {
+    this.closed = true;
     this.knowledge.destroy();
   }
 
@@ -192,7 +194,7 @@ class ChatView {
     if (this.conv) return this.conv;
     const body = { ...this.pending, model: this.modelSelect.value || null };
     this.conv = { ...(await api("POST", "api/conversations", body)), messages: [] };
-    history.replaceState(null, "", `#/c/${this.conv.id}`);
+    if (!this.closed) history.replaceState(null, "", `#/c/${this.conv.id}`);
     return this.conv;
   }
 
@@ -308,13 +310,19 @@ class ChatView {
   }
 
   async send(text) {
+    // busy from now, not only once the stream opens: while a new conversation is being
+    // created, Regenerate, Edit and "New chat" must already see an answer under way
+    this.controller = new AbortController();
     const userEl = this.addMessage({ role: "user", content: text });
     const answerEl = this.addMessage({ role: "assistant", content: "" });
+    this.setStreaming(true);
     this.scrollDown(true);
     let conv;
     try {
       conv = await this.ensureConversation();
     } catch (e) {
+      this.controller = null;
+      this.setStreaming(false);
       this.failed(answerEl, e, () => this.redo([userEl, answerEl], () => this.send(text)));
       return;
     }
@@ -368,7 +376,7 @@ class ChatView {
    * ("start" came) is answered again with regenerate; one it refused is made again (`redo`).
    */
   async stream(method, path, body, { userEl = null, answerEl, redo }) {
-    this.controller = new AbortController();
+    this.controller ??= new AbortController();
     this.setStreaming(true);
     this.setStatus("status.waiting");
     let started = false;
