@@ -8,6 +8,8 @@ The last user message picks the behaviour:
   anything else     "echo N: <text>" in three deltas, then usage and [DONE]
 A knowledge-base prompt (its system message asks for numbered passages) is answered with
 KB_ANSWER, which cites [1] and a [9] no passage has (unless its question starts with "#").
+A request to rewrite a follow-up as a standalone query is answered with `rewrite_reply` (which
+may itself be "#503" etc.).
 Every request body is recorded; `stall_closed` is set when a stalled stream's connection closes.
 
 /v1/embeddings embeds deterministically (hashed bags of words, no model). An input containing
@@ -54,6 +56,10 @@ def embed_texts(texts: list[str]) -> list[list[float]]:
     return vectors.tolist()
 
 
+def _is_rewrite_prompt(messages: list[dict[str, str]]) -> bool:
+    return bool(messages) and "standalone search query" in str(messages[0].get("content", ""))
+
+
 def _is_kb_prompt(messages: list[dict[str, str]]) -> bool:
     return bool(messages) and "numbered passages" in str(messages[0].get("content", ""))
 
@@ -79,6 +85,7 @@ class FakeUpstream:
         self.embed_release = threading.Event()
         self.embed_release.set()
         self.num_answers = 0
+        self.rewrite_reply = "#503"  # what a query rewrite gets (set by the test that asks)
         self.base_url = ""  # set once it is served
         self.app = self._build()
 
@@ -98,6 +105,10 @@ class FakeUpstream:
             if _is_kb_prompt(body["messages"]):  # the question ends the RAG prompt
                 last = last.rsplit("Question: ", 1)[-1]
                 last = last if last.startswith("#") else KB_ANSWER
+            if _is_rewrite_prompt(body["messages"]):
+                last = self.rewrite_reply
+                if not last.startswith("#"):
+                    return StreamingResponse(self._reply(last), media_type="text/event-stream")
             if last.startswith("#429"):
                 return _error(429, "queue full", {"Retry-After": "2"})
             if last.startswith("#503"):
@@ -136,6 +147,12 @@ class FakeUpstream:
             return {"id": "rerank-1", "model": body["model"], "results": results}
 
         return app
+
+    async def _reply(self, text: str) -> AsyncIterator[str]:
+        """`text` as the whole answer, in one delta, with usage."""
+        yield _delta(text)
+        yield _chunk({"choices": [], "usage": {"prompt_tokens": 40, "completion_tokens": 5}})
+        yield "data: [DONE]\n\n"
 
     async def _stream(self, body: dict[str, object], last: str) -> AsyncIterator[str]:
         yield _chunk({"choices": [{"delta": {"role": "assistant"}}]})

@@ -1,4 +1,5 @@
-"""Admin routes: users (add, disable, role, usage) and the run-time settings (sign-up on/off)."""
+"""Admin routes: users (add, disable, role, usage) and the run-time settings (sign-up on/off,
+the rewriting of knowledge-base follow-ups)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from surge.app.auth import AdminUser
 from surge.app.config import AppConfig
 from surge.app.deps import Db, State
 from surge.app.errors import AppError, not_found
+from surge.app.kb_query import REWRITE_QUERIES, rewrite_enabled
 from surge.app.models import AuthSession, Setting, User
-from surge.app.schemas import NewUser, Settings, UserOut, UserPatch, UserUsage
+from surge.app.schemas import AdminSettings, AdminSettingsIn, NewUser, UserOut, UserPatch, UserUsage
 from surge.app.security import hash_password
 
 router = APIRouter(prefix="/api/admin", tags=["admin"])
@@ -69,14 +71,25 @@ async def update_user(user_id: int, body: UserPatch, admin: AdminUser, db: Db) -
     return UserOut.model_validate(user)
 
 
+async def _settings(db: AsyncSession, config: AppConfig) -> AdminSettings:
+    return AdminSettings(
+        signup_open=await signup_open(db, config), rewrite_queries=await rewrite_enabled(db)
+    )
+
+
 @router.get("/settings", operation_id="admin_get_settings")
-async def get_settings(_admin: AdminUser, db: Db, state: State) -> Settings:
-    return Settings(signup_open=await signup_open(db, state.config))
+async def get_settings(_admin: AdminUser, db: Db, state: State) -> AdminSettings:
+    return await _settings(db, state.config)
 
 
 @router.put("/settings", operation_id="admin_put_settings")
-async def put_settings(body: Settings, _admin: AdminUser, db: Db) -> Settings:
-    """Switch sign-up on or off (kept in the store, so it survives a restart)."""
-    await db.merge(Setting(key=SIGNUP_OPEN, value="1" if body.signup_open else "0"))
+async def put_settings(
+    body: AdminSettingsIn, _admin: AdminUser, db: Db, state: State
+) -> AdminSettings:
+    """Switch sign-up, or the rewriting of knowledge-base follow-ups, on or off (kept in the
+    store, so it survives a restart); the fields left out stay as they are."""
+    for key, value in ((SIGNUP_OPEN, body.signup_open), (REWRITE_QUERIES, body.rewrite_queries)):
+        if value is not None:
+            await db.merge(Setting(key=key, value="1" if value else "0"))
     await db.commit()
-    return body
+    return await _settings(db, state.config)

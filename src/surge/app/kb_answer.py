@@ -31,10 +31,11 @@ from surge.app.deps import AppState
 from surge.app.errors import AppError
 from surge.app.kb import store
 from surge.app.kb.cite import RagPrompt, build_prompt, cited_passages, verify_citations
+from surge.app.kb.followup import SearchQuery
 from surge.app.kb.index import Hit, SearchMode
 from surge.app.kb_links import save_sources
+from surge.app.kb_query import PlannedQuery, plan_query, resolve_model
 from surge.app.kb_schemas import NumberedPassage, PassageOut, SegmentOut, Sources
-from surge.app.kb_service import KnowledgeService
 from surge.app.models import Conversation, Message, MessageStatus, User, utcnow
 from surge.app.upstream import Delta, KeepAlive, UpstreamError, Usage
 
@@ -55,6 +56,11 @@ class Question:
     temperature: float | None
     top_k: int = 5
 
+    def user_turns(self) -> list[str]:
+        """The user's earlier turns and this question, oldest first (what a follow-up needs)."""
+        earlier = [m["content"] for m in self.history if m["role"] == "user"]
+        return [*earlier, self.text]
+
 
 @dataclass(slots=True)
 class Outcome:
@@ -67,29 +73,31 @@ class Outcome:
     text: list[str] = field(default_factory=list)
     usage: Usage | None = None
     sources: Sources | None = None
+    query: PlannedQuery | None = None  # what was searched (a rewrite asked the model too)
 
 
 Save = Callable[[Outcome], Awaitable[int | None]]  # → the saved message's id, if any
 
 
-async def retrieve(state: AppState, question: Question) -> list[Hit]:
-    """The best passages of the knowledge bases the user may still read, best first (hybrid
-    scores are absolute, so those of different knowledge bases compare)."""
+async def retrieve(state: AppState, question: Question, query: SearchQuery) -> list[Hit]:
+    """The best passages for `query` of the knowledge bases the user may still read, best first
+    (hybrid scores are absolute, so those of different knowledge bases compare)."""
     service = state.kb
     assert service is not None  # the routes that get here depend on it
     async with state.sessions() as db:
         user = await db.get(User, question.user_id)
         kbs = [await store.get_kb(db, kb_id) for kb_id in question.kb_ids]
     readable = [kb for kb in kbs if kb and user and store.can_read(kb, user.id, user.is_admin)]
-    results = await asyncio.gather(*(_search(service, kb, question) for kb in readable))
+    results = await asyncio.gather(
+        *(
+            service.search(kb, query, top_k=question.top_k, mode=SearchMode.HYBRID)
+            for kb in readable
+        )
+    )
     hits = [h for hits in results for h in hits]
     if hits and all(h.rerank is not None for h in hits):  # one cross-encoder scored them all
         return sorted(hits, key=lambda h: -(h.rerank or 0.0))[: question.top_k]
     return sorted(hits, key=lambda h: -h.hybrid)[: question.top_k]
-
-
-async def _search(service: KnowledgeService, kb: store.KnowledgeBase, q: Question) -> list[Hit]:
-    return await service.search(kb, q.text, top_k=q.top_k, mode=SearchMode.HYBRID)
 
 
 def messages_for(question: Question, prompt: RagPrompt) -> list[dict[str, str]]:
@@ -115,16 +123,6 @@ def sources_of(prompt: RagPrompt, answer: str) -> Sources:
         segments=[SegmentOut.of(segment) for segment in segments],
         cited=[number for number, _ in cited_passages(segments)],
     )
-
-
-async def resolve_model(state: AppState, requested: str | None) -> str:
-    """The model asked for, else the configured default, else the service's first chat model."""
-    if requested or state.config.default_model:
-        return requested or state.config.default_model  # type: ignore[return-value]
-    models = await state.upstream.chat_models()
-    if not models:
-        raise UpstreamError(503, "The model service offers no chat model.", retryable=True)
-    return models[0]
 
 
 async def _generate(
@@ -165,7 +163,9 @@ async def answer_events(state: AppState, question: Question, save: Save) -> Asyn
     error: dict[str, object] = {}
     try:
         yield {"type": "status", "state": "retrieving"}
-        prompt = build_prompt(question.text, await retrieve(state, question))
+        outcome.query = await plan_query(state, question.user_turns(), question.model)
+        hits = await retrieve(state, question, outcome.query.query)
+        prompt = build_prompt(question.text, hits)
         async for event in _generate(state, question, prompt, outcome):
             yield event
         outcome.status = MessageStatus.COMPLETE
@@ -206,15 +206,17 @@ async def to_sse(start: dict[str, object], events: AsyncIterator[Event]) -> Asyn
 
 
 def _count_usage(outcome: Outcome, user_id: int):  # type: ignore[no-untyped-def]
-    """The user's counters after an answer: one request if the model was asked, its tokens."""
-    usage = outcome.usage
+    """The user's counters after an answer: one request if the model was asked (and one if it
+    rewrote the question), their tokens."""
+    planned = outcome.query or PlannedQuery(SearchQuery(""))
+    usages = [u for u in (outcome.usage, planned.usage) if u is not None]
     return (
         update(User)
         .where(User.id == user_id)
         .values(
-            num_requests=User.num_requests + int(outcome.asked),
-            num_tokens_in=User.num_tokens_in + (usage.prompt_tokens if usage else 0),
-            num_tokens_out=User.num_tokens_out + (usage.completion_tokens if usage else 0),
+            num_requests=User.num_requests + int(outcome.asked) + int(planned.asked),
+            num_tokens_in=User.num_tokens_in + sum(u.prompt_tokens for u in usages),
+            num_tokens_out=User.num_tokens_out + sum(u.completion_tokens for u in usages),
         )
     )
 
@@ -223,7 +225,7 @@ def usage_saver(state: AppState, user_id: int) -> Save:
     """For an answer outside a conversation (an ask): only the user's usage is saved."""
 
     async def save(outcome: Outcome) -> None:
-        if not outcome.asked:
+        if not outcome.asked and not (outcome.query and outcome.query.asked):
             return None
         try:
             async with state.sessions() as db:
@@ -242,7 +244,7 @@ def message_saver(state: AppState, job: AnswerJob) -> Save:
     async def save(outcome: Outcome) -> int | None:
         try:
             async with state.sessions() as db:
-                if outcome.asked:
+                if outcome.asked or (outcome.query and outcome.query.asked):
                     await db.execute(_count_usage(outcome, job.user_id))
                 conversation = await db.get(Conversation, job.conversation_id)
                 if conversation is None:  # deleted meanwhile

@@ -17,6 +17,7 @@ from surge.app.deps import Db
 from surge.app.errors import AppError, not_found
 from surge.app.kb import store
 from surge.app.kb.cite import Relevance, select_relevant
+from surge.app.kb.followup import SearchQuery
 from surge.app.kb.store import ChunkRow, Document, KnowledgeBase
 from surge.app.kb_links import hidden_kb_ids
 from surge.app.kb_schemas import (
@@ -165,7 +166,8 @@ async def search_kb(body: SearchIn, kb: ReadableKB, db: Db, service: KB) -> Sear
     passages with every score (hybrid, bm25, vector, coverage, ranks) and whether each clears
     the relevance thresholds an answer uses."""
     await db.commit()  # hold no database connection while the query is embedded
-    hits = await service.search(kb, body.query, top_k=body.top_k, mode=body.mode)
+    query = SearchQuery(body.query)
+    hits = await service.search(kb, query, top_k=body.top_k, mode=body.mode)
     relevance = Relevance()
     relevant = {hit.passage.chunk_id for hit in select_relevant(hits, relevance)}
     return SearchOut(

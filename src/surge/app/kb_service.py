@@ -28,6 +28,7 @@ from surge.app.kb import store
 from surge.app.kb.blobs import BlobStore
 from surge.app.kb.cache import IndexCache
 from surge.app.kb.embed import EmbeddingError, service_embedder
+from surge.app.kb.followup import SearchQuery
 from surge.app.kb.index import EmbedFn, Hit, SearchMode, search
 from surge.app.kb.ingest import IngestConfig, Ingestor
 from surge.app.kb.parse import ParseLimits
@@ -139,36 +140,53 @@ class KnowledgeService:
         return found
 
     async def search(
-        self, kb: KnowledgeBase, query: str, *, top_k: int, mode: SearchMode
+        self, kb: KnowledgeBase, query: SearchQuery, *, top_k: int, mode: SearchMode
     ) -> list[Hit]:
-        """The best passages of `kb` for `query`, reranked by the service's rerank model when it
-        serves one (hybrid mode); AppError 502 when embedding the query failed."""
+        """The best passages of `kb` for `query` (a follow-up's context included), reranked by
+        the service's rerank model when it serves one (hybrid mode; the reranker gets the
+        context and the question as one text); AppError 502 when embedding the query failed."""
         model = await self.rerank_model() if mode is SearchMode.HYBRID else None
         if model is None:
             return await self._search(kb, query, top_k=top_k, mode=mode)
         pool = await self._search(kb, query, top_k=top_k * POOL_FACTOR, mode=mode)
         rerank = service_reranker(self.upstream.client, self.upstream.base, model)
         try:
-            scores = await rerank(query, [hit.passage.text for hit in pool])
+            scores = await rerank(query.full_text, [hit.passage.text for hit in pool])
         except (RerankError, httpx.HTTPError) as e:  # the hybrid order still stands
             logger.warning("reranking with %s failed, keeping the hybrid order: %s", model, e)
             return pool[:top_k]
         return reorder(pool, scores, top_k)
 
     async def _search(
-        self, kb: KnowledgeBase, query: str, *, top_k: int, mode: SearchMode
+        self, kb: KnowledgeBase, query: SearchQuery, *, top_k: int, mode: SearchMode
     ) -> list[Hit]:
         try:
             index = await self.cache.get(kb.id)
         except LookupError as e:  # deleted meanwhile
             raise not_found("knowledge base") from e
+        context, weight = query.context, query.context_weight
         if not kb.embedding_model:
             if mode is SearchMode.VECTOR:
                 raise AppError(400, "keywords_only", "this knowledge base has no embedding model")
-            return await asyncio.to_thread(index.search, query, None, top_k=top_k, mode=mode)
+            return await asyncio.to_thread(
+                index.search,
+                query.text,
+                None,
+                top_k=top_k,
+                mode=mode,
+                context=context,
+                context_weight=weight,
+            )
+        embed = self.embedders(kb.embedding_model)
         try:
             return await search(
-                index, query, self.embedders(kb.embedding_model), top_k=top_k, mode=mode
+                index,
+                query.text,
+                embed,
+                top_k=top_k,
+                mode=mode,
+                context=context,
+                context_weight=weight,
             )
         except (EmbeddingError, httpx.HTTPError, KeyError, TypeError, ValueError) as e:
             raise AppError(502, "embedding_failed", f"embedding the query failed: {e}") from e

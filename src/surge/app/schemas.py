@@ -64,6 +64,23 @@ class Settings(BaseModel):
     signup_open: bool
 
 
+class AdminSettings(Settings):
+    """The run-time settings the admin sees: sign-up, and whether a knowledge-base follow-up
+    ("and its price?") is rewritten by the chat model into a standalone query before searching
+    (one more request per follow-up; off: the earlier questions are searched with it)."""
+
+    rewrite_queries: bool = False
+
+
+class AdminSettingsIn(BaseModel):
+    """A change of run-time settings: only the fields sent change."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    signup_open: bool | None = None
+    rewrite_queries: bool | None = None
+
+
 class ConversationIn(BaseModel):
     """Creating a conversation (every field optional) or changing one (only the fields sent)."""
 

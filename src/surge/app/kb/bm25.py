@@ -114,31 +114,46 @@ class BM25:
         start, end = self._offsets[term], self._offsets[term + 1]
         return self._docs[start:end], self._freqs[start:end]
 
-    def scores(self, query_tokens: Sequence[str]) -> np.ndarray:
-        """BM25 of the query against every chunk (a repeated query term counts again)."""
+    def scores(
+        self, query_tokens: Sequence[str], weights: Sequence[float] | None = None
+    ) -> np.ndarray:
+        """BM25 of the query against every chunk (a repeated query term counts again); each
+        term's part is multiplied by its weight in `weights` (default 1: a follow-up's context
+        terms weigh less than its own)."""
         scores = np.zeros(self.num_docs, dtype=np.float64)
-        for token in query_tokens:
+        for i, token in enumerate(query_tokens):
             postings = self._postings(token)
             if postings is None:
                 continue
             docs, freqs = postings  # each chunk once per term: fancy-index += is safe
-            scores[docs] += self.idf(token) * freqs * (self.k1 + 1) / (freqs + self._norm[docs])
+            weight = self.idf(token) * (1.0 if weights is None else weights[i])
+            scores[docs] += weight * freqs * (self.k1 + 1) / (freqs + self._norm[docs])
         return scores
 
-    def coverage(self, query_tokens: Sequence[str], docs: np.ndarray) -> np.ndarray:
-        """For each of `docs`, the share of the query's idf mass its chunk contains (0 to 1).
+    def coverage(
+        self,
+        query_tokens: Sequence[str],
+        docs: np.ndarray,
+        weights: Sequence[float] | None = None,
+    ) -> np.ndarray:
+        """For each of `docs`, the share of the query's idf mass its chunk contains (0 to 1),
+        each term's idf multiplied by its weight in `weights` (default 1; a repeated term
+        counts once, with its first weight).
 
         Unlike a BM25 score it means the same in every knowledge base, so a threshold on it
         does too: 1.0 is every query term present, 0.0 none."""
-        unique = list(dict.fromkeys(query_tokens))
-        weights = np.array([self.idf(token) for token in unique])
+        first: dict[str, float] = {}
+        for i, token in enumerate(query_tokens):
+            first.setdefault(token, 1.0 if weights is None else weights[i])
+        unique = list(first)
+        mass = np.array([self.idf(token) * first[token] for token in unique])
         found = np.zeros((len(docs), len(unique)), dtype=bool)
         for column, token in enumerate(unique):
             postings = self._postings(token)
             if postings is not None:
                 found[:, column] = np.isin(docs, postings[0])
-        total = weights.sum()
-        return found @ weights / total if total > 0 else np.zeros(len(docs))
+        total = mass.sum()
+        return found @ mass / total if total > 0 else np.zeros(len(docs))
 
 
 def _lucene_idf(num_docs: int, num_with: np.ndarray) -> np.ndarray:

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from surge.app.kb.bm25 import BM25, tokenize
+from surge.app.kb.followup import CONTEXT_WEIGHT
 
 # The embedding function the index is given: texts → (len(texts), dim) float32, L2-normalized.
 EmbedFn = Callable[[list[str]], Awaitable[np.ndarray]]
@@ -116,12 +117,17 @@ class KnowledgeIndex:
         mode: SearchMode = SearchMode.HYBRID,
         fusion: Fusion = Fusion.MIX,
         num_candidates: int = DEFAULT_NUM_CANDIDATES,
+        context: str = "",
+        context_weight: float = CONTEXT_WEIGHT,
     ) -> list[Hit]:
-        """The `top_k` best passages for `query` (whose embedding is `query_vector`)."""
+        """The `top_k` best passages for `query` (whose embedding is `query_vector`). A
+        follow-up's `context` (the earlier turns, `followup.SearchQuery`) adds its BM25 terms
+        at `context_weight`, in the scores and in the coverage; `query_vector` then already
+        holds it (`search` embeds both)."""
         if not self.passages or top_k < 1:
             return []
-        query_tokens = tokenize(query)
-        bm25 = self._bm25.scores(query_tokens)
+        query_tokens, weights = weighted_tokens(query, context, context_weight)
+        bm25 = self._bm25.scores(query_tokens, weights)
         if query_vector is None:
             vector = np.zeros(len(self.passages), dtype=np.float32)
         else:
@@ -130,7 +136,11 @@ class KnowledgeIndex:
         vector_order = _top(vector, num_candidates) if query_vector is not None else []
         candidates = np.asarray(list(dict.fromkeys(bm25_order + vector_order)), dtype=np.int64)
         coverage = dict(
-            zip(candidates.tolist(), self._bm25.coverage(query_tokens, candidates), strict=True)
+            zip(
+                candidates.tolist(),
+                self._bm25.coverage(query_tokens, candidates, weights),
+                strict=True,
+            )
         )
         if fusion is Fusion.RRF:
             fused = rrf([bm25_order, vector_order])
@@ -155,6 +165,17 @@ class KnowledgeIndex:
             )
             for doc in ranked[:top_k]
         ]
+
+
+def weighted_tokens(
+    query: str, context: str, context_weight: float
+) -> tuple[list[str], list[float]]:
+    """The query's BM25 tokens (weight 1), then the context's that the query lacks (weight
+    `context_weight`)."""
+    tokens = tokenize(query)
+    own = set(tokens)
+    extra = [token for token in tokenize(context) if token not in own] if context else []
+    return tokens + extra, [1.0] * len(tokens) + [context_weight] * len(extra)
 
 
 def _top(scores: np.ndarray, k: int, *, positive_only: bool = False) -> list[int]:
@@ -186,11 +207,33 @@ async def search(
     top_k: int = DEFAULT_TOP_K,
     mode: SearchMode = SearchMode.HYBRID,
     fusion: Fusion = Fusion.MIX,
+    context: str = "",
+    context_weight: float = CONTEXT_WEIGHT,
 ) -> list[Hit]:
-    """Embed the query (unless BM25 alone is asked for), then search in a worker thread."""
+    """Embed the query (unless BM25 alone is asked for), then search in a worker thread. With
+    a follow-up's `context` the query vector is the question's embedding plus `context_weight`
+    times the context's, normalized (one embedding request for both)."""
     vector = None
     if mode is not SearchMode.BM25 and len(index):
-        vector = (await embed([query]))[0]
+        vectors = await embed([query, context] if context else [query])
+        vector = query_vector(vectors, context_weight)
     return await asyncio.to_thread(
-        index.search, query, vector, top_k=top_k, mode=mode, fusion=fusion
+        index.search,
+        query,
+        vector,
+        top_k=top_k,
+        mode=mode,
+        fusion=fusion,
+        context=context,
+        context_weight=context_weight,
     )
+
+
+def query_vector(vectors: np.ndarray, context_weight: float) -> np.ndarray:
+    """The question's embedding (row 0), plus `context_weight` times the context's (row 1 when
+    there is one), L2-normalized."""
+    vector = np.asarray(vectors[0], dtype=np.float32)
+    if len(vectors) > 1:
+        vector = vector + context_weight * np.asarray(vectors[1], dtype=np.float32)
+    norm = float(np.linalg.norm(vector))
+    return vector / norm if norm > 0 else vector
