@@ -80,6 +80,9 @@ class ReplicaConfig:
     affinity_ratio: float = 0.5  # ...or this share of the least-loaded one's, if larger
     max_failovers: int = 3  # a sequence moved this many times ends with an error on the next
     drain_grace: float = 30.0  # seconds a removed replica may finish its work before failover
+    # hosts behind each replica: 1 here; under Ray Serve one replica fronts a deployment of up
+    # to max_replicas engine hosts, and admission counts all their sequence slots
+    hosts: int = 1
 
     def __post_init__(self) -> None:
         if (
@@ -90,6 +93,8 @@ class ReplicaConfig:
             raise ValueError(f"replicas must be an integer >= 1, got {self.replicas!r}")
         if self.affinity_blocks < 0 or self.affinity_margin < 0 or self.affinity_ratio < 0:
             raise ValueError("affinity_blocks, affinity_margin and affinity_ratio must be >= 0")
+        if self.hosts < 1:
+            raise ValueError(f"hosts must be >= 1, got {self.hosts!r}")
         if self.max_failovers < 0 or self.drain_grace < 0:
             raise ValueError("max_failovers and drain_grace must be >= 0")
 

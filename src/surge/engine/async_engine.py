@@ -191,7 +191,7 @@ class AsyncEngine:
             for r in self.replicas.values()
             if r.state not in (ReplicaState.FAILED, ReplicaState.STOPPED, ReplicaState.DRAINING)
         ]
-        return self.config.max_num_seqs * max(1, len(serving))
+        return self.config.max_num_seqs * max(1, len(serving)) * self.replica_config.hosts
 
     def unread(self, req_id: str) -> tuple[float | None, int]:
         """(monotonic time its oldest unread output arrived, unread chars) of a request."""
@@ -325,6 +325,10 @@ class AsyncEngine:
     def on_outputs(self, replica: Replica, outputs: EngineCoreOutputs) -> None:
         """Apply a step of `replica`'s core; outputs of sequences no longer placed there (moved
         away after a failover, or aborted) are dropped."""
+        if outputs.lost_req_ids:
+            lost = [cid for cid in outputs.lost_req_ids if self._placed_on(cid, replica)]
+            replica.forget(lost)
+            self._move(lost, replica, outputs.lost_reason or "sequence lost", exclude_source=False)
         if not outputs.outputs:
             return
         mine = [o for o in outputs.outputs if self._placed_on(o.req_id, replica)]
@@ -353,9 +357,12 @@ class AsyncEngine:
         moving = [cid for cid in replica.seqs if self._placed_on(cid, replica)]
         self._move(moving, replica, reason)
 
-    def _move(self, core_ids: list[str], source: Replica, reason: str) -> None:
+    def _move(
+        self, core_ids: list[str], source: Replica, reason: str, exclude_source: bool = True
+    ) -> None:
         """Resend sequences to other replicas with the tokens they already produced; a sequence
-        with no replica to go to, or moved max_failovers times already, ends with an error."""
+        with no replica to go to, or moved max_failovers times already, ends with an error.
+        `source` may take them back when only one of its hosts failed (exclude_source=False)."""
         failed: list[tuple[str, str]] = []
         limit = self.replica_config.max_failovers
         for cid in core_ids:
@@ -367,7 +374,7 @@ class AsyncEngine:
                 failed.append((cid, f"{CORE_DIED_ERROR}: {reason} (moved {limit} times already)"))
                 continue
             try:
-                target = self._route(seq.affinity, exclude=source)
+                target = self._route(seq.affinity, exclude=source if exclude_source else None)
                 seq.replica = target
                 target.send([msgspec.structs.replace(seq.request, output_token_ids=emitted)])
             except (EngineDeadError, EngineOverloadedError):

@@ -52,6 +52,10 @@ class EngineCoreOutputs(msgspec.Struct, frozen=True, array_like=True, tag=True):
     first_scheduled_req_ids: list[str] = []  # sequences that left the queue this step
     num_requests_received: int = 0  # requests added since the core started, cumulative
     num_waiting_tokens: int = 0  # tokens still to compute of sequences not running yet
+    # sequences a remote transport lost with the host that ran them (surge.serving): the front
+    # end resends them with the tokens they produced, routed anew, as after a replica failure
+    lost_req_ids: list[str] = []
+    lost_reason: str = ""
 
 
 class EngineCoreReady(msgspec.Struct, frozen=True, array_like=True, tag=True):

@@ -1,0 +1,3 @@
+"""surge on a cluster: a chat model's engine cores as remote hosts (Ray Serve deployments) behind
+the same front end, API and app as `surge serve`. Ray itself is imported only by surge.serving.ray
+(the optional `surge[ray]` extra); the rest is plain asyncio and tested without Ray."""
