@@ -1,4 +1,8 @@
-"""The app's fixtures: one fake model service per module, a fresh app (and store) per test."""
+"""The app's fixtures: one fake model service per module, a fresh app (and store) per test.
+
+The store is SQLite in the test's temp dir; a module that also runs on PostgreSQL sets
+`pytestmark = STORES` (each of its tests then runs on both: a throw-away server per test
+session, a new database per app, tests/app/postgres.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from surge.app.config import AppConfig
 from surge.app.main import create_app
 from tests.app.browser import chromium, open_page  # noqa: F401 - the browser tests' fixtures
 from tests.app.fake_upstream import FakeUpstream
+from tests.app.postgres import PostgresServer
 from tests.app.servers import Browser, ServerThread
 
 
@@ -53,10 +58,40 @@ def clock() -> FakeClock:
 
 
 AppFactory = Callable[..., str]
+STORES = pytest.mark.parametrize("store", ["sqlite", "postgres"], indirect=True)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One PostgreSQL server for the session, started when a test first needs it."""
+    server = PostgresServer()
+    yield server
+    server.stop()
 
 
 @pytest.fixture
-def make_app(fake: FakeUpstream, tmp_path: Path, clock: FakeClock) -> Iterator[AppFactory]:
+def store(request: pytest.FixtureRequest) -> str:
+    """The app's store: "sqlite" unless the module parametrizes it (STORES)."""
+    return getattr(request, "param", "sqlite")
+
+
+@pytest.fixture
+def new_database_url(store: str, request: pytest.FixtureRequest) -> Callable[[], str | None]:
+    """A fresh store for each app a test starts: None (SQLite in its data dir) or a new
+    PostgreSQL database."""
+    if store == "sqlite":
+        return lambda: None
+    server: PostgresServer = request.getfixturevalue("postgres")
+    return server.new_database
+
+
+@pytest.fixture
+def make_app(
+    fake: FakeUpstream,
+    tmp_path: Path,
+    clock: FakeClock,
+    new_database_url: Callable[[], str | None],
+) -> Iterator[AppFactory]:
     """Start the app against the fake service (config fields overridable); its base URL."""
     servers: list[ServerThread] = []
 
@@ -65,6 +100,7 @@ def make_app(fake: FakeUpstream, tmp_path: Path, clock: FakeClock) -> Iterator[A
             api_base=f"{fake.base_url}/v1",
             api_key="upstream-key",
             data_dir=tmp_path / f"data{len(servers)}",
+            database_url=new_database_url(),
             upstream_read_timeout_s=30.0,
         )
         server = ServerThread(create_app(dataclasses.replace(config, **overrides), clock=clock))

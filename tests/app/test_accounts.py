@@ -7,10 +7,12 @@ from collections.abc import Callable
 import httpx
 
 from surge.app.security import SESSION_COOKIE
-from tests.app.conftest import AppFactory, FakeClock
+from tests.app.conftest import STORES, AppFactory, FakeClock
 from tests.app.servers import Browser
 
 NewBrowser = Callable[[], Browser]
+
+pytestmark = STORES  # each test on SQLite and on PostgreSQL
 
 
 def test_first_user_is_admin_later_ones_are_not(browsers: NewBrowser) -> None:

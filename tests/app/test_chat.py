@@ -6,11 +6,13 @@ from collections.abc import Callable
 
 import httpx
 
-from tests.app.conftest import AppFactory
+from tests.app.conftest import STORES, AppFactory
 from tests.app.fake_upstream import FakeUpstream
 from tests.app.servers import Browser, events, wait_for
 
 NewBrowser = Callable[[], Browser]
+
+pytestmark = STORES  # each test on SQLite and on PostgreSQL
 
 
 def _types(evs: list[dict[str, object]]) -> list[object]:

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from surge.app.kb.cite import NOT_FOUND
-from tests.app.conftest import AppFactory
+from tests.app.conftest import STORES, AppFactory
 from tests.app.fake_upstream import HOLD_MARKER, FakeUpstream
 from tests.app.servers import Browser, events, wait_for
 
@@ -34,6 +34,8 @@ BREAD = (
 )
 QUESTION = "What does fault E-4471 mean?"
 UNRELATED = "How many moons does Jupiter have?"
+
+pytestmark = STORES  # each test on SQLite and on PostgreSQL
 
 
 def make_docx() -> bytes:

@@ -8,12 +8,14 @@ from __future__ import annotations
 import pytest
 
 from surge.app.kb.cite import NOT_FOUND
-from tests.app.conftest import AppFactory
+from tests.app.conftest import STORES, AppFactory
 from tests.app.fake_upstream import FakeUpstream
 from tests.app.servers import Browser
 from tests.app.test_kb_api import QUESTION, kb_with_documents
 
 FOLLOW_UP = "What should I do about it?"  # no keyword at all: alone, it finds nothing
+
+pytestmark = STORES  # each test on SQLite and on PostgreSQL
 
 
 @pytest.fixture
