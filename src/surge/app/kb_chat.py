@@ -134,13 +134,13 @@ async def attach_files(
     """POST /api/conversations/{id}/files (multipart, one or more `files`) → 201 like a
     knowledge-base upload. File chat: the files go to the conversation's own hidden knowledge
     base (made on first use, deleted with the conversation), and its answers cite them."""
-    files = await read_upload(request)
-    async with service.files_lock:  # two first uploads at once make one store
-        kb_id = await files_kb_id(db, conversation.id)
-        if kb_id is None:
-            model = await embedding_model_for(service, None)
-            kb_id = (await ensure_files_kb(db, conversation, model)).id
-    return await ingest_upload(db, service, kb_id, files)
+    async with read_upload(request) as files:
+        async with service.files_lock:  # two first uploads at once make one store
+            kb_id = await files_kb_id(db, conversation.id)
+            if kb_id is None:
+                model = await embedding_model_for(service, None)
+                kb_id = (await ensure_files_kb(db, conversation, model)).id
+        return await ingest_upload(db, service, kb_id, files)
 
 
 @router.get("/conversations/{conversation_id}/files/progress", operation_id="watch_files")

@@ -6,14 +6,17 @@ show how far each has got.
 An upload's request body may hold at most the app's `max_upload_bytes` (all its files
 together): `limits.AppBodyLimitMiddleware` refuses a larger one with 413, from its
 Content-Length before anything is read, or as soon as the bytes read pass the limit; the
-session is checked (the routes' dependencies) before the body is read. A file's name is only
+session is checked (the routes' dependencies) before the body is read. Memory per upload is
+bounded whatever its size: each file spools to disk past SPOOL_MAX_BYTES as it streams in,
+and is then type-checked, hashed and copied into the blob store in chunks. A file's name is only
 ever a label: files are stored under their content hash (`kb.blobs.BlobStore`)."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Annotated
+from contextlib import asynccontextmanager
+from typing import Annotated, BinaryIO
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -33,6 +36,7 @@ from surge.app.kb_service import KB, KnowledgeService, ReadableKB, WritableKB
 router = APIRouter(prefix="/api/kbs/{kb_id}/documents", tags=["knowledge bases"])
 
 MAX_FILES_PER_UPLOAD = 100
+SPOOL_MAX_BYTES = 64 * 1024  # of each uploaded file in memory; the rest waits on disk
 PROGRESS_INTERVAL_S = 0.5  # how often a progress stream looks at the documents
 FILE_FIELDS = ("files", "file")
 
@@ -55,13 +59,22 @@ UPLOAD_BODY = {
 }
 
 
-async def read_upload(request: Request) -> list[tuple[str, bytes]]:
-    """The (file name, bytes) of each file in a multipart upload (field `files`, or `file`);
-    the parser spools the files to temporary files as the body streams in (its size is
-    bounded by `limits.AppBodyLimitMiddleware`)."""
+class _SpoolingParser(MultiPartParser):
+    """Starlette's multipart parser, each file spooled to disk past SPOOL_MAX_BYTES (its
+    default keeps 1 MiB of each file in memory: 100 MiB for a 100-file upload)."""
+
+    spool_max_size = SPOOL_MAX_BYTES
+
+
+@asynccontextmanager
+async def read_upload(request: Request) -> AsyncIterator[list[tuple[str, BinaryIO]]]:
+    """The (file name, file) of each file in a multipart upload (field `files`, or `file`),
+    open until the block ends. Each file is a temporary file that holds at most
+    SPOOL_MAX_BYTES in memory and the rest on disk, written as the body streams in (the body's
+    size is bounded by `limits.AppBodyLimitMiddleware`); the ingestor reads it in chunks."""
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise AppError(415, "not_multipart", "send the files as multipart/form-data (`files`)")
-    parser = MultiPartParser(
+    parser = _SpoolingParser(
         request.headers, request.stream(), max_files=MAX_FILES_PER_UPLOAD, max_fields=10
     )
     try:
@@ -73,7 +86,7 @@ async def read_upload(request: Request) -> list[tuple[str, bytes]]:
         files = [p for p in parts if isinstance(p, UploadFile)]
         if not files:
             raise AppError(400, "no_files", "the upload holds no file (field `files`)")
-        return [(f.filename or "unnamed", await f.read()) for f in files]
+        yield [(f.filename or "unnamed", f.file) for f in files]
     finally:
         await form.close()
 
@@ -85,16 +98,16 @@ def _code(error: ParseError) -> str:
 
 
 async def ingest_upload(
-    db: AsyncSession, service: KnowledgeService, kb_id: int, files: list[tuple[str, bytes]]
+    db: AsyncSession, service: KnowledgeService, kb_id: int, files: list[tuple[str, BinaryIO]]
 ) -> UploadOut:
     """Store and queue each file (a duplicate of one the knowledge base holds is reported, not
     added again); 400 when no file was accepted."""
     await db.commit()  # the ingestor writes with its own sessions
     accepted: list[tuple[str, int, bool]] = []
     rejected: list[Rejected] = []
-    for file_name, data in files:
+    for file_name, file in files:
         try:
-            upload = await service.ingestor.add(kb_id, file_name, data)
+            upload = await service.ingestor.add_file(kb_id, file_name, file)
         except ParseError as e:
             rejected.append(Rejected(file_name=file_name, code=_code(e), message=str(e)))
             continue
@@ -134,8 +147,8 @@ async def upload_documents(request: Request, kb: WritableKB, db: Db, service: KB
     """POST /api/kbs/{kb_id}/documents (multipart/form-data, one or more `files`) → 201
     {"uploaded": [{file_name, duplicate, document}], "rejected": [{file_name, code, message}]}.
     413 when the body is over max_upload_bytes; 403 on a knowledge base shared read-only."""
-    files = await read_upload(request)
-    return await ingest_upload(db, service, kb.id, files)
+    async with read_upload(request) as files:
+        return await ingest_upload(db, service, kb.id, files)
 
 
 @router.get("", operation_id="list_documents")

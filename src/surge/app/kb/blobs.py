@@ -4,12 +4,15 @@ becomes a path, and two uploads of the same bytes are stored once)."""
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
 import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+COPY_CHUNK_BYTES = 256 * 1024
 
 
 def sha256_hex(data: bytes) -> str:
@@ -30,15 +33,26 @@ class BlobStore:
 
     def put(self, data: bytes) -> str:
         """Store `data` (once) and return its sha256; readers never see a partial file."""
-        sha256 = sha256_hex(data)
-        target = self.path(sha256)
-        if target.exists():
-            return sha256
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".upload-")
+        return self.put_file(io.BytesIO(data))
+
+    def put_file(self, file: BinaryIO) -> str:
+        """Store the rest of `file` (once) and return its sha256: copied in chunks into a
+        temporary file, hashed on the way (never held whole in memory), then renamed to its
+        hash, so readers never see a partial file."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".upload-")
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
+            digest = hashlib.sha256()
+            with os.fdopen(fd, "wb") as out:
+                while chunk := file.read(COPY_CHUNK_BYTES):
+                    digest.update(chunk)
+                    out.write(chunk)
+            sha256 = digest.hexdigest()
+            target = self.path(sha256)
+            if target.exists():
+                Path(tmp).unlink()
+                return sha256
+            target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import io
 import logging
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 import numpy as np
 from sqlalchemy import select
@@ -30,7 +33,7 @@ from surge.app.kb import store
 from surge.app.kb.blobs import BlobStore
 from surge.app.kb.bm25 import tokenize
 from surge.app.kb.index import EmbedFn, indexed_text
-from surge.app.kb.parse import FileTooLarge, ParseLimits, detect_type, parse_document
+from surge.app.kb.parse import FileTooLarge, ParseLimits, detect_file_type, parse_document
 from surge.app.kb.split import Chunk, SplitConfig, split_sections
 from surge.app.kb.store import DocumentStatus
 
@@ -105,19 +108,26 @@ class Ingestor:
         self._tasks: dict[int, asyncio.Task[None]] = {}
 
     async def add(self, kb_id: int, file_name: str, data: bytes) -> Upload:
+        """`add_file` of bytes in memory."""
+        return await self.add_file(kb_id, file_name, io.BytesIO(data))
+
+    async def add_file(self, kb_id: int, file_name: str, file: BinaryIO) -> Upload:
         """Store an uploaded file and queue it, unless the knowledge base has it already.
 
+        `file` (seekable: an upload's spooled temporary file) is read in chunks, never whole.
         Raises `FileTooLarge` or `UnsupportedFileType` (for a 413 or 400) before storing."""
         limits = self.config.limits
-        if len(data) > limits.max_bytes:
-            raise FileTooLarge(f"{len(data)} bytes is over the limit of {limits.max_bytes}")
+        size = file.seek(0, os.SEEK_END)
+        file.seek(0)
+        if size > limits.max_bytes:
+            raise FileTooLarge(f"{size} bytes is over the limit of {limits.max_bytes}")
         file_name = safe_file_name(file_name)
-        detect_type(file_name, data)
-        sha256 = await asyncio.to_thread(self._blobs.put, data)
+        await asyncio.to_thread(detect_file_type, file_name, file)
+        sha256 = await asyncio.to_thread(self._blobs.put_file, file)
         async with self._sessions() as session:
             try:
                 document, created = await store.add_document(
-                    session, kb_id=kb_id, file_name=file_name, sha256=sha256, size_bytes=len(data)
+                    session, kb_id=kb_id, file_name=file_name, sha256=sha256, size_bytes=size
                 )
             except Exception:  # e.g. no such knowledge base: leave no orphan file behind
                 if not await store.is_file_used(session, sha256):

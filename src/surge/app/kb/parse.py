@@ -14,9 +14,13 @@ import io
 import re
 import zipfile
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from surge.app.kb.markup import parse_html, parse_markdown
 from surge.app.kb.sections import HeadingPath, Section, clean_text
+
+SNIFF_BYTES = 2048  # of a file's start, enough to tell its type
+READ_CHUNK_BYTES = 256 * 1024  # a file is scanned in chunks of this size, never read whole
 
 
 class ParseError(ValueError):
@@ -86,16 +90,35 @@ def parse_document(
 
 def detect_type(file_name: str, data: bytes) -> FileType:
     """PDF and docx by their content, text types by extension (or sniffed); else refused."""
+    return detect_file_type(file_name, io.BytesIO(data))
+
+
+def detect_file_type(file_name: str, file: BinaryIO) -> FileType:
+    """`detect_type` of a seekable file, read in chunks (an upload is never read whole), left
+    at its start."""
+    try:
+        file.seek(0)
+        head = file.read(SNIFF_BYTES)
+        has_nul = b"\x00" in head
+        while not has_nul and (chunk := file.read(READ_CHUNK_BYTES)):
+            has_nul = b"\x00" in chunk
+        file.seek(0)
+        return _detect(file_name, head, has_nul, file)
+    finally:
+        file.seek(0)
+
+
+def _detect(file_name: str, head: bytes, has_nul: bool, file: BinaryIO) -> FileType:
     ext = file_name.replace("\\", "/").rsplit("/", 1)[-1]
     ext = ext.rsplit(".", 1)[-1].lower() if "." in ext else ""
     claimed = _EXTENSIONS.get(ext)
-    if b"%PDF-" in data[:1024]:
+    if b"%PDF-" in head[:1024]:
         return FileType.PDF
-    if data.startswith(b"PK\x03\x04"):
-        if _is_docx(data):
+    if head.startswith(b"PK\x03\x04"):
+        if _is_docx(file):
             return FileType.DOCX
         raise UnsupportedFileType(f"{file_name!r} is a zip archive, not a .docx ({SUPPORTED})")
-    if _looks_binary(data):
+    if _looks_binary(head, has_nul):
         raise UnsupportedFileType(f"{file_name!r} is not a text document ({SUPPORTED})")
     if claimed in (FileType.PDF, FileType.DOCX):
         raise ParseError(f"{file_name!r} is named .{ext} but is not a valid {ext.upper()} file")
@@ -103,8 +126,11 @@ def detect_type(file_name: str, data: bytes) -> FileType:
         return claimed
     if ext:
         raise UnsupportedFileType(f".{ext} files are not supported ({SUPPORTED})")
-    head = data[:2048].lstrip().lower()
-    return FileType.HTML if head.startswith((b"<!doctype html", b"<html")) else FileType.TXT
+    return (
+        FileType.HTML
+        if head.lstrip().lower().startswith((b"<!doctype html", b"<html"))
+        else FileType.TXT
+    )
 
 
 # Magic numbers of common binary files that are neither PDF nor docx.
@@ -125,10 +151,10 @@ class _Budget:
         return text
 
 
-def _looks_binary(data: bytes) -> bool:
-    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+def _looks_binary(head: bytes, has_nul: bool) -> bool:
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         return False  # UTF-16 text is full of NUL bytes
-    return data.startswith(_BINARY_MAGIC) or b"\x00" in data
+    return head.startswith(_BINARY_MAGIC) or has_nul
 
 
 def _decode(data: bytes) -> str:
@@ -144,9 +170,9 @@ def _decode(data: bytes) -> str:
     )
 
 
-def _is_docx(data: bytes) -> bool:
+def _is_docx(file: BinaryIO) -> bool:
     try:
-        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        with zipfile.ZipFile(file) as zf:
             return "word/document.xml" in zf.namelist()
     except zipfile.BadZipFile:
         return False
