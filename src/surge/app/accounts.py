@@ -9,6 +9,7 @@ from sqlalchemy import delete, func, select
 
 from surge.app.admin import add_user, signup_open
 from surge.app.auth import CurrentUser, Login, check_rate, current_login, start_session
+from surge.app.db import LockKind, store_lock
 from surge.app.deps import Db, State
 from surge.app.errors import AppError
 from surge.app.models import AuthSession, Role, User
@@ -37,7 +38,8 @@ async def signup(
 ) -> Me:
     """Create an account and log it in; the first account is the admin (even with sign-up off)."""
     check_rate(state, _client_key(request))
-    async with state.signup_lock:  # two first sign-ups at once: only one becomes admin
+    # two first sign-ups at once, in one process or several: only one becomes admin
+    async with store_lock(db, state.signup_lock, LockKind.SIGNUP):
         first = (await db.scalar(select(func.count()).select_from(User))) == 0
         if not first and not await signup_open(db, state.config):
             raise AppError(403, "signup_closed", "sign-up is closed; ask an admin for an account")

@@ -14,6 +14,7 @@ from sqlalchemy import select
 from surge.app.answer import SSEResponse
 from surge.app.auth import CurrentUser
 from surge.app.conversations import OwnedConversation
+from surge.app.db import LockKind, store_lock
 from surge.app.deps import Db, State
 from surge.app.errors import AppError, not_found
 from surge.app.kb.store import Document
@@ -135,11 +136,13 @@ async def attach_files(
     knowledge-base upload. File chat: the files go to the conversation's own hidden knowledge
     base (made on first use, deleted with the conversation), and its answers cite them."""
     async with read_upload(request) as files:
-        async with service.files_lock:  # two first uploads at once make one store
+        # two first uploads at once (in one process or several) make one store
+        async with store_lock(db, service.files_lock, LockKind.FILES_KB, conversation.id):
             kb_id = await files_kb_id(db, conversation.id)
             if kb_id is None:
                 model = await embedding_model_for(service, None)
                 kb_id = (await ensure_files_kb(db, conversation, model)).id
+            await db.commit()  # (ends the transaction: PostgreSQL's lock goes with it)
         return await ingest_upload(db, service, kb_id, files)
 
 
