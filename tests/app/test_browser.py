@@ -179,6 +179,12 @@ def test_admin_adds_and_disables_a_user(make_app: AppFactory, open_page: PageFac
     expect(carol_row).to_contain_text("active")
     admin.click(".signup-open")  # sign-up off
     expect(admin.locator(".form-message")).to_have_text("Saved.")
+    expect(admin.locator(".rewrite-queries")).not_to_be_checked()  # off by default
+    with admin.expect_response(lambda r: r.url.endswith("/api/admin/settings")):
+        admin.click(".rewrite-queries")
+    admin.reload()  # kept by the server
+    expect(admin.locator(".rewrite-queries")).to_be_checked()
+    expect(admin.locator(".signup-open")).not_to_be_checked()
 
     carol = open_page(url)
     expect(carol.locator(".auth-form .hint")).to_be_visible()  # sign-up closed: no link

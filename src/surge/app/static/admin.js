@@ -1,5 +1,5 @@
-// The admin page: sign-up on/off, add a user, and every user with their usage (requests,
-// tokens in and out), disable/enable and role.
+// The admin page: sign-up on/off, the rewriting of knowledge-base follow-ups on/off, add a
+// user, and every user with their usage (requests, tokens in and out), disable/enable and role.
 
 import { ApiError, api } from "./api.js";
 import { clear, h } from "./dom.js";
@@ -11,6 +11,10 @@ export async function showAdmin(root, me) {
   const signup = h("input", { type: "checkbox", class: "signup-open", onchange: async () => {
     await guarded(message, () => api("PUT", "api/admin/settings",
       { signup_open: signup.checked }));
+  } });
+  const rewrite = h("input", { type: "checkbox", class: "rewrite-queries", onchange: async () => {
+    await guarded(message, () => api("PUT", "api/admin/settings",
+      { rewrite_queries: rewrite.checked }));
   } });
   const tbody = h("tbody");
   const username = h("input", { type: "text", name: "username", required: true,
@@ -43,6 +47,7 @@ export async function showAdmin(root, me) {
   clear(root).append(h("div", { class: "admin" },
     h("h2", { i18n: "admin.title" }),
     h("label", { class: "toggle" }, signup, h("span", { i18n: "admin.signupOpen" })),
+    h("label", { class: "toggle" }, rewrite, h("span", { i18n: "admin.rewriteQueries" })),
     h("h3", { i18n: "admin.addUser" }), addForm, message,
     h("h3", { i18n: "admin.users" }), table));
 
@@ -50,6 +55,7 @@ export async function showAdmin(root, me) {
     const [settings, users] = await Promise.all([
       api("GET", "api/admin/settings"), api("GET", "api/admin/users")]);
     signup.checked = settings.signup_open;
+    rewrite.checked = settings.rewrite_queries;
     clear(tbody);
     for (const user of users) tbody.append(row(user));
   }
