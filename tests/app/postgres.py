@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.app.browser import apt_install
 from tests.app.servers import wait_for
+from tests.support.apt import apt_install
 
 PG_PORT = 5432  # only names the socket file: the server listens on no TCP port
 STOP_TIMEOUT_S = 30
