@@ -53,7 +53,11 @@ def make_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
 
 
 def make_tiny_model_dir(
-    path: Path, architecture: str = "llama", seed: int = 0, **config_overrides: object
+    path: Path,
+    architecture: str = "llama",
+    seed: int = 0,
+    max_position_embeddings: int = 512,
+    **config_overrides: object,
 ) -> Path:
     """Save a tiny random model of one architecture and the tiny tokenizer to `path`."""
     from transformers import AutoConfig
@@ -63,7 +67,7 @@ def make_tiny_model_dir(
         architecture,
         vocab_size=len(tokenizer),
         **TINY_DIMS,
-        max_position_embeddings=512,
+        max_position_embeddings=max_position_embeddings,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,

@@ -282,6 +282,7 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         help="sequences a preferred replica may hold beyond the least busy one's before "
         "affinity gives way",
     )
+    add_ray_args(parser)
     s = SupervisorConfig()
     parser.add_argument(
         "--engine-stall-timeout",
@@ -296,6 +297,51 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         help="restarts within --engine-restart-window before giving up (then /ready stays 503)",
     )
     parser.add_argument("--engine-restart-window", type=float, default=s.restart_window)
+
+
+def add_ray_args(parser: argparse.ArgumentParser) -> None:
+    """--ray: the same service as a Ray Serve application (the `surge[ray]` extra)."""
+    ray = parser.add_argument_group("Ray Serve (pip install 'surge[ray]')")
+    ray.add_argument(
+        "--ray",
+        action="store_true",
+        help="run on Ray Serve: each chat model's engine cores are an autoscaled deployment",
+    )
+    ray.add_argument(
+        "--ray-address", default=None, help="join this Ray cluster (default: start a local one)"
+    )
+    ray.add_argument(
+        "--min-replicas",
+        type=int,
+        default=1,
+        help="engine replicas per chat model, at least (0: scale to zero when idle)",
+    )
+    ray.add_argument(
+        "--max-replicas",
+        type=int,
+        default=None,
+        help="engine replicas per chat model, at most (default: --min-replicas, else 1)",
+    )
+    ray.add_argument(
+        "--target-work",
+        type=float,
+        default=16.0,
+        help="running + waiting sequences per engine replica the autoscaler aims for",
+    )
+    ray.add_argument(
+        "--ray-cpus", type=float, default=1.0, help="Ray CPUs (and core threads) per replica"
+    )
+
+
+def ray_scaling_from_args(args: argparse.Namespace) -> dict[str, float]:
+    """--min-replicas/--max-replicas/--target-work/--ray-cpus as keyword arguments."""
+    most = args.max_replicas if args.max_replicas is not None else max(1, args.min_replicas)
+    return {
+        "min_replicas": args.min_replicas,
+        "max_replicas": most,
+        "target_work": args.target_work,
+        "num_cpus": args.ray_cpus,
+    }
 
 
 def add_web_app_args(parser: argparse.ArgumentParser) -> None:
@@ -461,7 +507,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as e:
         logger.error("%s", e)
         return 2
+    if args.ray:
+        return _serve_on_ray(args, engine_config, server_config, models, ui)
     return run_server(engine_config, server_config, models, ui)
+
+
+def _serve_on_ray(
+    args: argparse.Namespace,
+    engine_config: EngineConfig,
+    server_config: ServerConfig,
+    models: ServedModels,
+    ui: UIConfig | None,
+) -> int:
+    try:
+        from surge.serving import ray as on_ray
+    except ImportError as e:
+        logger.error("--ray needs Ray Serve: pip install 'surge[ray]' (%s)", e)
+        return 2
+    try:
+        scaling = on_ray.RayScaling(**ray_scaling_from_args(args))
+    except ValueError as e:
+        logger.error("%s", e)
+        return 2
+    return on_ray.run(engine_config, server_config, models, ui, scaling, args.ray_address)
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
@@ -628,6 +696,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(serve)
     add_server_args(serve)
     serve.set_defaults(func=cmd_serve)
+    from surge.plan.cli import add_plan_parser
+
+    add_plan_parser(sub)
     sub.add_parser(
         "pull", help="fetch the bundled chat and embedding models into the cache"
     ).set_defaults(func=cmd_pull)

@@ -9,7 +9,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from surge.config import EngineConfig, ServerConfig
 from surge.engine.async_engine import EngineDeadError, EngineOverloadedError
 from surge.engine.request import InvalidRequestError
-from surge.router import ModelRegistry, estimate_cost
+from surge.router import ModelRegistry, Starter, estimate_cost
 from surge.server.admin_api import router as admin_router
 from surge.server.admission import Admission
 from surge.server.app_health import engine_health
@@ -55,15 +55,17 @@ def create_app(
     server_config: ServerConfig,
     models: ServedModels | None = None,
     ui: UIConfig | None = None,
+    starter_factory: Callable[[StarterConfig], Starter] = make_starter,
 ) -> FastAPI:
     """A FastAPI app that loads its models in the lifespan (default: the bundled chat model);
-    with `ui`, the web app at "/" (surge.server.web_ui)."""
+    with `ui`, the web app at "/" (surge.server.web_ui). `starter_factory` says how a model
+    starts (surge.serving.ray: as a front end over remote engine hosts)."""
     keys = KeyStore.from_config(server_config)  # a bad keys file fails here, before any loading
     models = models or default_served_models(engine_config)
     holder: dict[str, ServerState] = {}
     metrics = Metrics(lambda: holder["state"].engines(), lambda: holder["state"].encoders())
     admission = Admission(server_config, metrics)
-    starter = make_starter(
+    starter = starter_factory(
         StarterConfig(
             engine_config,
             server_config.supervisor,

@@ -45,6 +45,7 @@ class CoreHost:
         self.host_id = host_id
         self.replica = Replica(0, config, client_factory, supervisor or SupervisorConfig(), self)
         self._queues: dict[str, asyncio.Queue[_Item]] = {}
+        self.num_aborted = 0  # sequences their caller closed before they finished
         self._watchdog: asyncio.Task[None] | None = None
 
     async def start(self) -> EngineLimits:
@@ -94,6 +95,7 @@ class CoreHost:
         finally:
             self._queues.pop(request.req_id, None)
             if not finished:
+                self.num_aborted += 1
                 self.replica.finish(EngineCoreFinish([request.req_id], "abort"))
 
     # ---- ReplicaOwner ----------------------------------------------------------------------

@@ -1,0 +1,234 @@
+"""surge on a local Ray cluster, end to end: run inside a network namespace with only loopback up
+(Ray's ports listen on every interface), by tests/serving/test_ray_serve.py, which reads the
+JSON this writes. One cluster for every scenario, since Ray's start-up costs seconds.
+
+    python -m tests.serving.ray_scenarios RESULT.json WORKDIR
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import ray
+from ray import serve
+
+from surge.config import EngineConfig, ServerConfig
+from surge.router import ModelKind, ModelSpec
+from surge.server.models import ServedModels
+from surge.serving.ray import APP_NAME, WORK_METRIC, RayScaling, build_app
+from tests.tiny_models import make_tiny_model_dir
+
+MODEL = "tiny"
+DEPLOYMENT = f"engine-{MODEL}"
+LONG = 300  # tokens: streams that stay open while the cluster changes under them
+CONTEXT = 8192
+DISCONNECT_TOKENS = 8000  # far more than the host makes before the client has gone
+# Scenario steps wait for the cluster, never for a fixed time; this only bounds a broken run.
+PATIENCE_S = 240.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def wait_for(what: str, check: Callable[[], Awaitable[bool]]) -> None:
+    deadline = time.monotonic() + PATIENCE_S
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what}")
+        await asyncio.sleep(0.25)
+
+
+def body(prompt: str, max_tokens: int, stream: bool) -> dict[str, Any]:
+    return {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": stream,
+    }
+
+
+async def stream_text(client: httpx.AsyncClient, prompt: str, max_tokens: int) -> dict[str, Any]:
+    """A streamed answer read to its end: text, whether [DONE] came, any error events."""
+    text, done, errors = [], False, []
+    async with client.stream(
+        "POST", "/v1/chat/completions", json=body(prompt, max_tokens, True)
+    ) as r:
+        assert r.status_code == 200, await r.aread()
+        async for line in r.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line[6:]
+            if data == "[DONE]":
+                done = True
+                continue
+            event = json.loads(data)
+            if "error" in event:
+                errors.append(event["error"])
+            for choice in event.get("choices", []):
+                text.append(choice.get("delta", {}).get("content") or "")
+    return {"text": "".join(text), "done": done, "errors": errors}
+
+
+async def answer(client: httpx.AsyncClient, prompt: str, max_tokens: int) -> str:
+    r = await client.post("/v1/chat/completions", json=body(prompt, max_tokens, False))
+    assert r.status_code == 200, r.text
+    return str(r.json()["choices"][0]["message"]["content"])
+
+
+def running_replicas() -> int:
+    status = serve.status().applications[APP_NAME].deployments[DEPLOYMENT]
+    return int(status.replica_states.get("RUNNING", 0))
+
+
+def host_actors() -> list[str]:
+    return sorted(
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith(f"SERVE_REPLICA::{APP_NAME}#{DEPLOYMENT}#")
+    )
+
+
+async def host_counters() -> dict[str, int]:
+    """Sequences in flight and aborted on the (only) engine host."""
+    handle = serve.get_deployment_handle(DEPLOYMENT, app_name=APP_NAME)
+    return await handle.counters.remote()  # type: ignore[no-any-return]
+
+
+async def scenarios(base: str, results: dict[str, Any]) -> None:
+    async with httpx.AsyncClient(base_url=base, timeout=120) as client:
+        await wait_for("/ready", lambda: ready(client))
+
+        # 1. streaming chat through Serve: the same greedy text as a plain answer, [DONE] last
+        streamed = await stream_text(client, "hello ray", 24)
+        results["stream"] = {**streamed, "plain": await answer(client, "hello ray", 24)}
+
+        # 2. a client that goes away mid-stream: its sequence is aborted on the remote host
+        async with client.stream(
+            "POST", "/v1/chat/completions", json=body("go away", DISCONNECT_TOKENS, True)
+        ) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: {") and '"content"' in line:
+                    break
+            results["disconnect_busy"] = await host_counters()
+        await wait_for("the abort on the host", lambda: idle())
+        results["disconnect_idle"] = await host_counters()
+
+        # 3. load: the autoscaler adds a replica (target_work 2 per replica, 6 clients that
+        # stream long answers one after another until told to stop)
+        prompts = [f"stream number {i}" for i in range(6)]
+        references = {p: await answer(client, p, LONG) for p in prompts}
+        results["replicas_before"] = running_replicas()
+        stop = asyncio.Event()
+        streams: list[tuple[str, dict[str, Any]]] = []
+
+        async def keep_streaming(prompt: str) -> None:
+            while not stop.is_set():
+                streams.append((prompt, await stream_text(client, prompt, LONG)))
+
+        load = [asyncio.create_task(keep_streaming(p)) for p in prompts]
+        await wait_for("a second replica", lambda: at_least(2))
+        results["replicas_under_load"] = running_replicas()
+
+        # 4. one engine replica killed while streams run on it: they go on elsewhere
+        await wait_for("streams on both hosts", lambda: both_busy())
+        victim = host_actors()[0]
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        results["killed"] = victim
+        await wait_for("the killed replica replaced", lambda: replaced(victim))
+        stop.set()
+        await asyncio.gather(*load)
+        results["streams"] = [{**f, "same": f["text"] == references[p]} for p, f in streams]
+        results["after_kill_plain"] = await answer(client, "hello ray", 24)
+
+        # 5. load gone: back to one replica
+        await wait_for("scale down to one replica", lambda: at_most(1))
+        results["replicas_after_load"] = running_replicas()
+        metrics = (await client.get("/metrics")).text
+        results["failovers_metric"] = [
+            line for line in metrics.splitlines() if line.startswith("surge:request_failovers")
+        ]
+
+
+async def ready(client: httpx.AsyncClient) -> bool:
+    try:
+        return (await client.get("/ready")).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+async def idle() -> bool:
+    return (await host_counters())["work"] == 0
+
+
+async def at_least(n: int) -> bool:
+    return running_replicas() >= n
+
+
+async def at_most(n: int) -> bool:
+    return running_replicas() <= n and len(host_actors()) <= n
+
+
+async def both_busy() -> bool:
+    handle = serve.get_deployment_handle(DEPLOYMENT, app_name=APP_NAME)
+    seen = set()
+    for _ in range(8):  # each call lands on some replica; ask until both answered busy
+        stats = await handle.record_autoscaling_stats.remote()
+        seen.add(stats[WORK_METRIC] > 0)
+    return len(host_actors()) >= 2 and seen == {True}
+
+
+async def replaced(victim: str) -> bool:
+    return victim not in host_actors() and running_replicas() >= 1
+
+
+def main(result_path: Path, work: Path) -> None:
+    # the replicas' work reaches the autoscaler twice a second, not every 10 s (inherited by
+    # the local cluster's processes)
+    os.environ["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
+    os.environ["RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
+    model = make_tiny_model_dir(work / MODEL, max_position_embeddings=CONTEXT)
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    engine = EngineConfig(model=str(model), dtype="float32", num_threads=1)
+    spec = ModelSpec(MODEL, str(model), ModelKind.CHAT, keep_alive=None, pinned=True)
+    scaling = RayScaling(
+        min_replicas=1,
+        max_replicas=2,
+        target_work=2,
+        num_cpus=1,
+        upscale_delay_s=1.0,
+        downscale_delay_s=6.0,
+        health_check_period_s=1.0,
+    )
+    server = ServerConfig(host="127.0.0.1", port=port)
+    app = build_app(engine, server, ServedModels((spec,), (MODEL,)), None, scaling)
+    serve.run(app, name=APP_NAME)
+    results: dict[str, Any] = {}
+    try:
+        asyncio.run(scenarios(f"http://127.0.0.1:{port}", results))
+    except BaseException as e:  # what got this far is still worth reading
+        results["error"] = repr(e)
+        raise
+    finally:
+        result_path.write_text(json.dumps(results))
+        serve.shutdown()
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), Path(sys.argv[2]))
