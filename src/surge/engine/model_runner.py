@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from surge.config import EngineConfig, EngineLimits
+from surge.engine.kv_sizing import kv_bytes_per_block, num_blocks_for_memory
 from surge.engine.request import Request
 from surge.engine.sampler import Sampler, SamplingRow
 from surge.engine.scheduler import SchedulerOutput
@@ -109,13 +110,12 @@ class ModelRunner:
     def _bytes_per_block(self) -> int:
         m = self.model
         elem = torch.tensor([], dtype=self.dtype).element_size()
-        return 2 * m.num_layers * self.config.block_size * m.num_kv_heads * m.head_dim * elem
+        return kv_bytes_per_block(
+            m.num_layers, m.num_kv_heads, m.head_dim, elem, self.config.block_size
+        )
 
     def _blocks_for_memory(self, num_bytes: int) -> int:
-        num_blocks = num_bytes // self._bytes_per_block()
-        if num_blocks < 1:
-            raise ValueError(f"kv_cache_memory={num_bytes} bytes holds no KV block; raise it")
-        return int(num_blocks)
+        return num_blocks_for_memory(num_bytes, self._bytes_per_block())
 
     @property
     def vocab_size(self) -> int:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from surge.config import EngineConfig
 from surge.encoders.bundled import DEFAULT_EMBEDDING_MODEL_NAME, is_complete_model_dir
+from surge.engine.kv_sizing import kv_bytes_per_block
 from surge.models.default_model import DEFAULT_MODEL_FILE, DEFAULT_MODEL_NAME, default_cache_dir
 from surge.models.quant import gguf_stays_quantized, kernel_can_take, row_bytes
 from surge.router.spec import ModelKind, ModelSpec
@@ -213,7 +214,9 @@ def _kv_cache_bytes(
         logger.warning("model dims unknown; estimating num_kv_blocks as kv_cache_memory")
         return config.kv_cache_memory
     layers, kv_heads, head_dim = dims
-    return config.num_kv_blocks * 2 * layers * config.block_size * kv_heads * head_dim * dtype_bytes
+    return config.num_kv_blocks * kv_bytes_per_block(
+        layers, kv_heads, head_dim, dtype_bytes, config.block_size
+    )
 
 
 def _encoder_weights(path: str) -> int:
