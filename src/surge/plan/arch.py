@@ -4,7 +4,6 @@ would build, without reading any weights."""
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,6 @@ from surge.models.default_model import (
     default_cache_dir,
 )
 from surge.models.registry import model_class
-
-logger = logging.getLogger(__name__)
 
 _GGUF_MAGIC = b"GGUF"
 # The bundled chat model's shape (SmolLM2-135M-Instruct's published config.json), so it can be

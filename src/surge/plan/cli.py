@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import sys
 
 from surge.config import EngineConfig
@@ -16,7 +15,6 @@ from surge.plan.planner import make_plan, resolve_dtype
 from surge.plan.report import devices_table, to_json, to_text
 from surge.plan.units import parse_rate, parse_size
 
-logger = logging.getLogger(__name__)
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 DEFAULT_CONTEXT = 4096
 

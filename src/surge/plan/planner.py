@@ -19,8 +19,6 @@ from surge.plan.estimate import (
 from surge.plan.units import format_size
 from surge.plan.weights import WeightsEstimate, gguf_weights, hf_weights
 
-_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
 
 @dataclass(frozen=True)
 class Plan:
