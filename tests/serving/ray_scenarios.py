@@ -142,6 +142,12 @@ async def scenarios(base: str, results: dict[str, Any]) -> None:
         load = [asyncio.create_task(keep_streaming(p)) for p in prompts]
         await wait_for("a second replica", lambda: at_least(2))
         results["replicas_under_load"] = running_replicas()
+        await wait_for("streams on both hosts", lambda: both_busy())
+        metrics = (await client.get("/metrics")).text
+        results["ready_rows"] = [
+            line for line in metrics.splitlines() if line.startswith("surge:replica_ready{")
+        ]
+        results["host_actors"] = host_actors()
 
         # 4. one engine replica killed while streams run on it: they go on elsewhere
         await wait_for("streams on both hosts", lambda: both_busy())

@@ -96,3 +96,9 @@ def test_streams_of_a_killed_replica_go_on_elsewhere_with_the_same_text(
     failovers = sum(float(line.rsplit(" ", 1)[1]) for line in seen["failovers_metric"])
     assert failovers >= 1
     assert seen["after_kill_plain"] == seen["stream"]["plain"]  # Serve replaced it; all serve
+
+
+def test_metrics_have_a_row_per_engine_replica(seen: dict[str, Any]) -> None:
+    labels = sorted(line.split('replica="', 1)[1].split('"', 1)[0] for line in seen["ready_rows"])
+    ids = sorted(name.rsplit("#", 1)[1] for name in seen["host_actors"])
+    assert labels == ids and len(ids) == 2  # Serve's replica ids, each ready

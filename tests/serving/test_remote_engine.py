@@ -14,6 +14,7 @@ import pytest
 
 from surge.config import EngineConfig, ReplicaConfig
 from surge.engine.async_engine import AsyncEngine
+from surge.server.metrics import Metrics
 from surge.serving.core_host import CoreHost
 from surge.serving.remote_client import RemoteCoreClient
 from surge.serving.wire import HostChunk, decode_request, encode, encode_limits
@@ -241,5 +242,12 @@ async def test_load_is_the_live_hosts_reports_summed() -> None:
     assert set(per_host) == {"h0", "h1"}
     assert sum(s.num_running for s in per_host.values()) == engine.stats.num_running == 4
     assert [h.work() for h in hosts.hosts] == [2, 2]
+    rows = {
+        sample.labels["replica"]: sample.value
+        for family in Metrics(lambda: {"m": engine}).registry.collect()
+        if family.name == "surge:num_requests_running"
+        for sample in family.samples
+    }
+    assert rows == {"h0": 2, "h1": 2}  # /metrics: one row per host, by its id
     await run_until_done(hosts, tasks)
     await engine.shutdown()

@@ -159,6 +159,12 @@ class Replica:
     def breaker_open(self) -> bool:
         return self.state is ReplicaState.FAILED
 
+    def host_stats(self) -> dict[str, EngineStats] | None:
+        """Each remote host's load when this replica's core is a set of hosts (Ray Serve's
+        replicas of the model), else None."""
+        per_host = getattr(self._client, "host_stats", None)
+        return per_host() if callable(per_host) else None
+
     @property
     def pid(self) -> int | None:
         """The core process's id (None in-process or while none runs)."""

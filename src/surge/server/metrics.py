@@ -130,20 +130,24 @@ class _EngineStatsCollector(Collector):
         )
         for name, engine in sorted(self._get_engines().items()):
             for index, replica in sorted(engine.replicas.items()):
-                s = replica.stats
-                values = {
-                    "restarts": replica.num_restarts,
-                    "running": s.num_running,
-                    "waiting": s.num_waiting,
-                    "usage": s.kv_cache_usage,
-                    "preemptions": s.num_preemptions_total,
-                    "queries": s.prefix_cache_queries,
-                    "hits": s.prefix_cache_hits,
-                    "ready": int(replica.is_routable),
-                    "breaker": int(replica.breaker_open),
-                }
-                for key, family in families.items():
-                    family.add_metric([name, str(index)], values[key])
+                rows = [(str(index), replica.stats, replica)]
+                hosts = replica.host_stats()
+                if hosts:  # Ray Serve: one row per engine host, labelled with its replica id
+                    rows = [(host, s, None) for host, s in sorted(hosts.items())]
+                for label, s, local in rows:
+                    values = {
+                        "restarts": local.num_restarts if local else 0,
+                        "running": s.num_running,
+                        "waiting": s.num_waiting,
+                        "usage": s.kv_cache_usage,
+                        "preemptions": s.num_preemptions_total,
+                        "queries": s.prefix_cache_queries,
+                        "hits": s.prefix_cache_hits,
+                        "ready": int(local.is_routable) if local else 1,  # heard from lately
+                        "breaker": int(local.breaker_open) if local else 0,
+                    }
+                    for key, family in families.items():
+                        family.add_metric([name, label], values[key])
             failovers.add_metric([name], engine.num_failovers)
             for (index, why), count in sorted(engine.route_counts.items()):
                 routed.add_metric([name, str(index), why], count)
