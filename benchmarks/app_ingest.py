@@ -40,6 +40,8 @@ import httpx
 import numpy as np
 from kb_ingest import EN_WORDS, ZH_WORDS  # the same vocabulary (benchmarks/ is on sys.path)
 
+from surge.bench.machine import machine_info
+
 PASSWORD = "password123"
 TOPICS = ["telescopes", "bread", "bicycles", "databases", "tea", "travel", "recycling", "music"]
 
@@ -132,6 +134,15 @@ def start_server(
         time.sleep(0.5)
     proc.kill()
     raise TimeoutError(f"surge serve not ready; see {log}")
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the server's own PID, then a kill if it hasn't exited within a minute."""
+    os.kill(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 # ---- users --------------------------------------------------------------------------------
@@ -300,13 +311,10 @@ def main() -> None:
         try:
             result = asyncio.run(run(args, base))
             result["serve_args"] = args.serve_arg
+            result["machine"] = machine_info()
             print(json.dumps(result, indent=2))
         finally:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_server(proc)
 
 
 if __name__ == "__main__":
