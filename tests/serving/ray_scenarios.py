@@ -22,13 +22,18 @@ import ray
 from ray import serve
 
 from surge.config import EngineConfig, ServerConfig
+from surge.encoders import EncoderClient, EncoderConfig, EncoderRequestError
 from surge.router import ModelKind, ModelSpec
 from surge.server.models import ServedModels
 from surge.serving.ray import APP_NAME, WORK_METRIC, RayScaling, build_app
+from tests.encoders.tiny_encoders import TINY_MAX_SEQ_LENGTH, make_tiny_embedding_dir
 from tests.tiny_models import make_tiny_model_dir
 
 MODEL = "tiny"
 DEPLOYMENT = f"engine-{MODEL}"
+EMBEDDER = "tiny-embed"
+EMBED_TEXTS = ["hello ray", "embeddings through serve", "一二三"]
+TOO_LONG = " ".join(["hello"] * 2 * TINY_MAX_SEQ_LENGTH)
 LONG = 300  # tokens: streams that stay open while the cluster changes under them
 CONTEXT = 8192
 DISCONNECT_TOKENS = 8000  # far more than the host makes before the client has gone
@@ -112,6 +117,9 @@ async def scenarios(base: str, results: dict[str, Any]) -> None:
     async with httpx.AsyncClient(base_url=base, timeout=120) as client:
         await wait_for("/ready", lambda: ready(client))
 
+        # 0. embeddings through Serve (the model's own deployment), and a bad input's 400
+        await embeddings(client, results)
+
         # 1. streaming chat through Serve: the same greedy text as a plain answer, [DONE] last
         streamed = await stream_text(client, "hello ray", 24)
         results["stream"] = {**streamed, "plain": await answer(client, "hello ray", 24)}
@@ -169,6 +177,38 @@ async def scenarios(base: str, results: dict[str, Any]) -> None:
         ]
 
 
+async def embeddings(client: httpx.AsyncClient, results: dict[str, Any]) -> None:
+    r = await client.post("/v1/embeddings", json={"model": EMBEDDER, "input": EMBED_TEXTS})
+    assert r.status_code == 200, r.text
+    results["embeddings_served"] = [d["embedding"] for d in r.json()["data"]]
+    r = await client.post(
+        "/v1/embeddings", json={"model": EMBEDDER, "input": [TOO_LONG], "truncate": False}
+    )
+    results["embeddings_bad"] = {"status": r.status_code, "body": r.json()}
+    status = serve.status().applications[APP_NAME].deployments[f"encoder-{EMBEDDER}"]
+    results["encoder_replicas"] = int(status.replica_states.get("RUNNING", 0))
+    metrics = (await client.get("/metrics")).text
+    results["encoder_metrics"] = [
+        line for line in metrics.splitlines() if line.startswith("surge:encoder_")
+    ]
+
+
+async def local_embeddings(model: Path) -> dict[str, Any]:
+    """The same calls on an encoder worker of this process: what Serve's answers must equal."""
+    client = await EncoderClient.start(EncoderConfig(model, num_threads=1))
+    try:
+        rows = (await client.embed(EMBED_TEXTS)).embeddings.tolist()
+        try:
+            await client.embed([TOO_LONG], truncate=False)
+            bad = None
+        except EncoderRequestError as e:
+            bad = str(e)
+        stats = client.stats
+        return {"rows": rows, "bad": bad, "batches": stats.num_batches, "num_rows": stats.num_rows}
+    finally:
+        await client.close()
+
+
 async def ready(client: httpx.AsyncClient) -> bool:
     try:
         return (await client.get("/ready")).status_code == 200
@@ -207,11 +247,17 @@ def main(result_path: Path, work: Path) -> None:
     os.environ["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
     os.environ["RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
     model = make_tiny_model_dir(work / MODEL, max_position_embeddings=CONTEXT)
+    embedder = make_tiny_embedding_dir(work / EMBEDDER)
+    local = asyncio.run(local_embeddings(embedder))  # before the cluster takes the CPUs
     port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # two for the engine's replicas under load, one for the embedding model's replica
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     engine = EngineConfig(model=str(model), dtype="float32", num_threads=1)
     spec = ModelSpec(MODEL, str(model), ModelKind.CHAT, keep_alive=None, pinned=True)
+    embed_spec = ModelSpec(
+        EMBEDDER, str(embedder), ModelKind.EMBEDDING, keep_alive=None, pinned=True
+    )
     scaling = RayScaling(
         min_replicas=1,
         max_replicas=2,
@@ -222,9 +268,10 @@ def main(result_path: Path, work: Path) -> None:
         health_check_period_s=1.0,
     )
     server = ServerConfig(host="127.0.0.1", port=port)
-    app = build_app(engine, server, ServedModels((spec,), (MODEL,)), None, scaling)
+    served = ServedModels((spec, embed_spec), (MODEL, EMBEDDER))
+    app = build_app(engine, server, served, None, scaling)
     serve.run(app, name=APP_NAME)
-    results: dict[str, Any] = {}
+    results: dict[str, Any] = {"embeddings_local": local}
     try:
         asyncio.run(scenarios(f"http://127.0.0.1:{port}", results))
     except BaseException as e:  # what got this far is still worth reading

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 pytest.importorskip("ray.serve", reason="Ray Serve (the surge[ray] extra)")
@@ -102,3 +103,31 @@ def test_metrics_have_a_row_per_engine_replica(seen: dict[str, Any]) -> None:
     labels = sorted(line.split('replica="', 1)[1].split('"', 1)[0] for line in seen["ready_rows"])
     ids = sorted(name.rsplit("#", 1)[1] for name in seen["host_actors"])
     assert labels == ids and len(ids) == 2  # Serve's replica ids, each ready
+
+
+def test_embeddings_through_serve_equal_a_local_encoder_worker(seen: dict[str, Any]) -> None:
+    served = np.array(seen["embeddings_served"])
+    local = np.array(seen["embeddings_local"]["rows"])
+    assert served.shape == local.shape == (3, 32)
+    np.testing.assert_allclose(served, local, rtol=1e-5, atol=1e-6)
+    assert seen["encoder_replicas"] == 1  # its own deployment, not the ingress's worker
+    counts = {
+        line.split("{", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in seen["encoder_metrics"]
+    }
+    # the replica's counts, reported with its replies: the batches a local worker ran for the
+    # same calls (the bad input failed before any batch)
+    assert counts == {
+        "surge:encoder_batches_total": seen["embeddings_local"]["batches"],
+        "surge:encoder_rows_total": seen["embeddings_local"]["num_rows"],
+    }
+
+
+def test_bad_embedding_input_through_serve_is_a_400_with_an_openai_error(
+    seen: dict[str, Any],
+) -> None:
+    bad = seen["embeddings_bad"]
+    assert bad["status"] == 400
+    error = bad["body"]["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == "input"
+    # the worker's own words, as a local worker says them (no Ray traceback)
+    assert error["message"] == seen["embeddings_local"]["bad"] and error["message"]

@@ -6,7 +6,7 @@ import asyncio
 import hmac
 import time
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, cast
 
 from fastapi import Depends, Request
 
@@ -65,12 +65,13 @@ class ServerState:
         return found
 
     def encoders(self) -> dict[str, EncoderClient]:
-        """The workers of every loaded embedding/rerank model, by model name."""
+        """The workers of every loaded embedding/rerank model, by model name (each an
+        EncoderClient, or under Ray Serve a RemoteEncoderClient with the same interface)."""
         found = {}
         for name in self.registry.names():
             handle = self.registry.handle(name)
-            if isinstance(handle, EncoderClient):
-                found[name] = handle
+            if handle is not None and not isinstance(handle, ChatHandle):
+                found[name] = cast(EncoderClient, handle)
         return found
 
     def _model_ready(self, name: str) -> bool:
@@ -184,8 +185,8 @@ class ServerState:
 
     def encoder(self, lease: Lease) -> EncoderClient:
         handle = lease.handle
-        assert isinstance(handle, EncoderClient)
-        return handle
+        assert not isinstance(handle, ChatHandle)
+        return cast(EncoderClient, handle)  # or a RemoteEncoderClient: the same interface
 
     def is_admin(self, authorization: str | None) -> bool:
         """The admin key (`--admin-api-key`) as a Bearer token; False when none is configured."""

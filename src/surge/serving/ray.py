@@ -1,17 +1,22 @@
 """surge as a Ray Serve application (`surge serve --ray`, or `build_app` from Python).
 
-Two kinds of deployment:
+Three kinds of deployment:
 - `EngineHost`, one per chat model: each replica runs one engine core (a CoreHost, its core
   in a child process that dies with it) and streams one sequence per call. Serve spreads the
   replicas over the cluster and autoscales them on the cores' own count of running + waiting
   sequences (`WorkPolicy`), not on Ray's count of ongoing calls.
+- `EncoderHost`, one per embedding or rerank model: each replica runs one encoder worker (an
+  EncoderClient, its worker in a child process) and answers embed / rerank / count_tokens calls,
+  which the worker batches with whatever else that replica is running. Serve autoscales them on
+  its own count of ongoing calls (`target_work` of them per replica).
 - `Ingress`, the OpenAI API and the web app: the same FastAPI app as `surge serve`, whose chat
   engines are front ends (AsyncEngine) over RemoteCoreClients reaching the model's EngineHost
   deployment. Tokenizing, stop strings, admission, per-key limits, priorities, metrics and
-  failover all stay in that one place, as on one machine; embedding and rerank models run in
-  the ingress replica's own encoder workers.
+  failover all stay in that one place, as on one machine; its embedding and rerank models are
+  RemoteEncoderClients over their EncoderHost deployments.
 
-Ray is the optional `surge[ray]` extra; nothing else in surge imports this module.
+Ray is the optional `surge[ray]` extra; nothing else in surge imports this module (or
+surge.serving.encoder_host).
 """
 
 from __future__ import annotations
@@ -37,7 +42,9 @@ from surge.models.loader import load_model_files
 from surge.router import ModelHandle, ModelKind, ModelSpec, Starter
 from surge.server.models import ChatHandle, ServedModels, StarterConfig, make_starter
 from surge.serving.core_host import CoreHost
+from surge.serving.encoder_host import EncoderHost, HandleEncoders
 from surge.serving.remote_client import RemoteCoreClient
+from surge.serving.remote_encoder import RemoteEncoderClient
 from surge.serving.wire import HostChunk, decode_request, encode, encode_limits
 from surge.tokenizer import Tokenizer
 
@@ -50,13 +57,14 @@ WORK_METRIC = "surge_work"
 
 @dataclass(frozen=True)
 class RayScaling:
-    """How a chat model's EngineHost deployment scales."""
+    """How each model's deployment scales (an encoder's Ray CPUs are its worker's threads)."""
 
     min_replicas: int = 1  # 0: scale to zero when idle (requests wait while one starts)
     max_replicas: int = 1
     initial_replicas: int | None = None
-    target_work: float = 16.0  # running + waiting sequences per replica to aim for
-    num_cpus: float = 1.0  # Ray CPUs per replica (its core's threads)
+    # per replica, to aim for: running + waiting sequences (chat), ongoing calls (encoders)
+    target_work: float = 16.0
+    num_cpus: float = 1.0  # Ray CPUs per chat replica (its core's threads)
     upscale_delay_s: float = 5.0
     downscale_delay_s: float = 60.0
     health_check_period_s: float = 5.0
@@ -137,13 +145,22 @@ class HandleHosts:
 
 
 def remote_starter(
-    config: StarterConfig, handles: dict[str, DeploymentHandle], scaling: RayScaling
+    config: StarterConfig,
+    handles: dict[str, DeploymentHandle],
+    scaling: RayScaling,
+    encoders: dict[str, DeploymentHandle] | None = None,
 ) -> Starter:
     """The registry's starter at the ingress: chat models with a deployment get a front end over
-    it; anything else starts here as on one machine."""
+    it, encoder models with one a RemoteEncoderClient; anything else starts here as on one
+    machine."""
     local = make_starter(config)
+    encoders = encoders or {}
 
     async def start(spec: ModelSpec) -> ModelHandle:
+        if spec.kind is not ModelKind.CHAT and spec.name in encoders:
+            client = await RemoteEncoderClient.start(HandleEncoders(encoders[spec.name]))
+            logger.info("%s model %s: over its Ray Serve deployment", spec.kind.value, spec.name)
+            return client
         handle = handles.get(spec.name)
         if spec.kind is not ModelKind.CHAT or handle is None:
             return await local(spec)
@@ -188,19 +205,20 @@ class Ingress:
         ui: Any,
         scaling: RayScaling,
         hosts: dict[str, DeploymentHandle],
+        encoders: dict[str, DeploymentHandle],
     ) -> None:
-        self._args = (engine_config, server_config, models, ui, scaling, hosts)
+        self._args = (engine_config, server_config, models, ui, scaling, hosts, encoders)
 
     def __serve_build_asgi_app__(self) -> Any:
         from surge.server.app import create_app
 
-        engine_config, server_config, models, ui, scaling, hosts = self._args
+        engine_config, server_config, models, ui, scaling, hosts, encoders = self._args
         return create_app(
             engine_config,
             server_config,
             models,
             ui,
-            starter_factory=lambda config: remote_starter(config, hosts, scaling),
+            starter_factory=lambda config: remote_starter(config, hosts, scaling, encoders),
         )
 
 
@@ -211,38 +229,69 @@ def build_app(
     ui: Any = None,
     scaling: RayScaling | None = None,
 ) -> serve.Application:
-    """The Serve application: one EngineHost deployment per chat model, and the ingress."""
+    """The Serve application: one EngineHost deployment per chat model, one EncoderHost
+    deployment per embedding or rerank model, and the ingress."""
     scaling = scaling or RayScaling()
     supervisor = server_config.supervisor
-    hosts = {}
+    encoder_threads = server_config.encoder_threads or 1
+    hosts, encoders = {}, {}
     for spec in models.specs:
-        if spec.kind is not ModelKind.CHAT:
-            continue
-        deployment = serve.deployment(
-            EngineHost,
-            name=f"engine-{spec.name}",
-            ray_actor_options={"num_cpus": scaling.num_cpus},
-            max_ongoing_requests=max(64, 4 * spec.engine_config(engine_config).max_num_seqs),
-            health_check_period_s=scaling.health_check_period_s,
-            autoscaling_config=AutoscalingConfig(
-                min_replicas=scaling.min_replicas,
-                max_replicas=scaling.max_replicas,
-                initial_replicas=scaling.initial_replicas,
-                upscale_delay_s=scaling.upscale_delay_s,
-                downscale_delay_s=scaling.downscale_delay_s,
-                downscale_to_zero_delay_s=scaling.downscale_delay_s,
-                look_back_period_s=max(10.5, scaling.upscale_delay_s),
-                policy=AutoscalingPolicy(
-                    policy_function=WorkPolicy,
-                    policy_kwargs={"target_work": scaling.target_work},
-                ),
-            ),
-        )
-        hosts[spec.name] = deployment.bind(
-            host_engine_config(spec, engine_config, scaling), supervisor
-        )
+        if spec.kind is ModelKind.CHAT:
+            hosts[spec.name] = _engine_deployment(spec, engine_config, scaling).bind(
+                host_engine_config(spec, engine_config, scaling), supervisor
+            )
+        else:
+            deployment = _encoder_deployment(spec, scaling, encoder_threads)
+            encoders[spec.name] = deployment.bind(spec, encoder_threads)
     ingress = serve.deployment(Ingress, name="ingress", ray_actor_options={"num_cpus": 0})
-    return ingress.bind(engine_config, server_config, models, ui, scaling, hosts)
+    return ingress.bind(engine_config, server_config, models, ui, scaling, hosts, encoders)
+
+
+def _engine_deployment(
+    spec: ModelSpec, engine_config: EngineConfig, scaling: RayScaling
+) -> serve.Deployment:
+    """`engine-<name>`: autoscaled on its cores' own work (WorkPolicy)."""
+    return serve.deployment(
+        EngineHost,
+        name=f"engine-{spec.name}",
+        ray_actor_options={"num_cpus": scaling.num_cpus},
+        max_ongoing_requests=max(64, 4 * spec.engine_config(engine_config).max_num_seqs),
+        health_check_period_s=scaling.health_check_period_s,
+        autoscaling_config=AutoscalingConfig(
+            min_replicas=scaling.min_replicas,
+            max_replicas=scaling.max_replicas,
+            initial_replicas=scaling.initial_replicas,
+            upscale_delay_s=scaling.upscale_delay_s,
+            downscale_delay_s=scaling.downscale_delay_s,
+            downscale_to_zero_delay_s=scaling.downscale_delay_s,
+            look_back_period_s=max(10.5, scaling.upscale_delay_s),
+            policy=AutoscalingPolicy(
+                policy_function=WorkPolicy,
+                policy_kwargs={"target_work": scaling.target_work},
+            ),
+        ),
+    )
+
+
+def _encoder_deployment(spec: ModelSpec, scaling: RayScaling, num_threads: int) -> serve.Deployment:
+    """`encoder-<name>`: Serve's own policy on ongoing calls, `target_work` per replica (each
+    replica batches the calls it holds, so it takes many at once)."""
+    return serve.deployment(
+        EncoderHost,
+        name=f"encoder-{spec.name}",
+        ray_actor_options={"num_cpus": num_threads},
+        max_ongoing_requests=max(64, 4 * math.ceil(scaling.target_work)),
+        health_check_period_s=scaling.health_check_period_s,
+        autoscaling_config=AutoscalingConfig(
+            min_replicas=scaling.min_replicas,
+            max_replicas=scaling.max_replicas,
+            initial_replicas=scaling.initial_replicas,
+            target_ongoing_requests=scaling.target_work,
+            upscale_delay_s=scaling.upscale_delay_s,
+            downscale_delay_s=scaling.downscale_delay_s,
+            downscale_to_zero_delay_s=scaling.downscale_delay_s,
+        ),
+    )
 
 
 def run(
