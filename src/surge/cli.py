@@ -305,7 +305,7 @@ def add_ray_args(parser: argparse.ArgumentParser) -> None:
     ray.add_argument(
         "--ray",
         action="store_true",
-        help="run on Ray Serve: each chat model's engine cores are an autoscaled deployment",
+        help="run on Ray Serve: each model is its own autoscaled deployment",
     )
     ray.add_argument(
         "--ray-address", default=None, help="join this Ray cluster (default: start a local one)"
