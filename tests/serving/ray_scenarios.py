@@ -168,9 +168,15 @@ async def scenarios(base: str, results: dict[str, Any]) -> None:
         results["streams"] = [{**f, "same": f["text"] == references[p]} for p, f in streams]
         results["after_kill_plain"] = await answer(client, "hello ray", 24)
 
-        # 5. load gone: back to one replica
+        # 5. load gone: back to one replica, then none
         await wait_for("scale down to one replica", lambda: at_most(1))
         results["replicas_after_load"] = running_replicas()
+        await wait_for("scale down to zero", lambda: at_most(0))
+        results["replicas_idle"] = running_replicas()
+
+        # 6. a request to a model scaled to zero waits while a replica starts, then is answered
+        results["woken_answer"] = await answer(client, "hello ray", 24)
+        results["replicas_woken"] = running_replicas()
         metrics = (await client.get("/metrics")).text
         results["failovers_metric"] = [
             line for line in metrics.splitlines() if line.startswith("surge:request_failovers")
@@ -259,7 +265,8 @@ def main(result_path: Path, work: Path) -> None:
         EMBEDDER, str(embedder), ModelKind.EMBEDDING, keep_alive=None, pinned=True
     )
     scaling = RayScaling(
-        min_replicas=1,
+        min_replicas=0,  # scale to zero once idle...
+        initial_replicas=1,  # ...after starting with one
         max_replicas=2,
         target_work=2,
         num_cpus=1,

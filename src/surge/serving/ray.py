@@ -93,7 +93,8 @@ class WorkPolicy:
             return (1 if ctx.total_num_requests > 0 or queued > 0 else 0), ctx.policy_state
         reported = (ctx.aggregated_metrics or {}).get(WORK_METRIC, {})
         work = sum(reported.values()) + queued
-        return max(1, math.ceil(work / self.target_work)), ctx.policy_state
+        # 0 when idle: Serve holds it at min_replicas, and waits downscale_to_zero_delay_s
+        return math.ceil(work / self.target_work), ctx.policy_state
 
 
 class EngineHost:
