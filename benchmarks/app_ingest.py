@@ -256,6 +256,12 @@ async def ingest(admin: User, name: str, files: list[tuple[str, bytes]]) -> dict
     }
 
 
+def _ttft_ratio(result: dict[str, object]) -> None:
+    alone, during = result["chat_alone"], result["chat_during_ingest"]
+    if isinstance(alone, dict) and isinstance(during, dict) and alone.get("p95_ms"):
+        result["ttft_p95_ratio"] = round(float(during["p95_ms"]) / float(alone["p95_ms"]), 2)
+
+
 async def run(args: argparse.Namespace, base: str) -> dict[str, object]:
     rng = random.Random(args.seed)
     pdf = make_pdf(int(args.pdf_mb * 1e6), rng)
@@ -282,6 +288,16 @@ async def run(args: argparse.Namespace, base: str) -> dict[str, object]:
             await user.client.aclose()
         return result
     result["chat_alone"] = percentiles(await chat(None))
+    if args.chat_during_only:  # the same turns again while the large PDF ingests, then stop
+        ingesting = asyncio.create_task(ingest(admin, "pdf-during", [("big.pdf", pdf)]))
+        result["chat_during_ingest"] = percentiles(await chat(None))
+        result["ingestion_still_running_after_chat"] = not ingesting.done()
+        ingesting.cancel()
+        await asyncio.gather(ingesting, return_exceptions=True)
+        _ttft_ratio(result)
+        for user in [admin, *users]:
+            await user.client.aclose()
+        return result
     result["ingest_pdf"] = await ingest(admin, "pdf", [("big.pdf", pdf)])
     result["ingest_small"] = await ingest(admin, "small", small)
     finished = asyncio.Event()
@@ -289,9 +305,7 @@ async def run(args: argparse.Namespace, base: str) -> dict[str, object]:
     result["ingest_pdf_with_chat"] = await ingest(admin, "pdf-again", [("big.pdf", pdf)])
     finished.set()
     result["chat_during_ingest"] = percentiles(await chatting)
-    alone, during = result["chat_alone"], result["chat_during_ingest"]
-    if isinstance(alone, dict) and isinstance(during, dict) and alone.get("p95_ms"):
-        result["ttft_p95_ratio"] = round(float(during["p95_ms"]) / float(alone["p95_ms"]), 2)
+    _ttft_ratio(result)
     for user in [admin, *users]:
         await user.client.aclose()
     return result
@@ -308,6 +322,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--pdf-only", action="store_true", help="only step 2: the large PDF, nothing beside it"
+    )
+    parser.add_argument(
+        "--chat-during-only",
+        action="store_true",
+        help="step 1, then the same --turns while the large PDF ingests (not to its end)",
     )
     parser.add_argument(
         "--serve-arg", action="append", default=[], help="a flag for surge serve (repeatable)"

@@ -5,7 +5,8 @@ depends on timing (jobs are gated by events, not sleeps)."""
 from __future__ import annotations
 
 import asyncio
-import threading
+import concurrent.futures
+import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -228,17 +229,10 @@ def test_failures_are_recorded_or_refused_up_front(data_dir: Path) -> None:
     run(data_dir, body, embed=flaky_embed, limits=ParseLimits(max_bytes=1024))
 
 
-def test_concurrency_is_bounded_and_parsing_is_off_the_event_loop(
-    data_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_concurrency_is_bounded_and_parsing_is_off_the_event_loop(data_dir: Path) -> None:
     active = 0
     max_active = 0
-    parse_threads: set[int] = set()
-    prepare = ingest._prepare
-
-    def recording_prepare(*args: object):  # type: ignore[no-untyped-def]
-        parse_threads.add(threading.get_ident())
-        return prepare(*args)  # type: ignore[arg-type]
+    workers: set[int] = set()
 
     async def counting_embed(texts: list[str]) -> np.ndarray:
         nonlocal active, max_active
@@ -257,11 +251,13 @@ def test_concurrency_is_bounded_and_parsing_is_off_the_event_loop(
         for upload in uploads:
             await h.ingestor.wait(upload.document_id)
             assert (await h.document(upload.document_id)).status is DocumentStatus.DONE
+        pool = h.ingestor._executor
+        assert isinstance(pool, concurrent.futures.ProcessPoolExecutor)  # off the GIL too
+        workers.update(pool._processes or {})  # the pool's worker processes, by PID
 
-    monkeypatch.setattr(ingest, "_prepare", recording_prepare)
     run(data_dir, body, embed=counting_embed, max_concurrent_jobs=2, embed_batch_size=3)
     assert 1 <= max_active <= 2
-    assert parse_threads and threading.get_ident() not in parse_threads
+    assert 1 <= len(workers) <= 2 and os.getpid() not in workers
 
 
 def test_reindex_delete_and_the_index_cache(data_dir: Path) -> None:

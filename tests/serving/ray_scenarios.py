@@ -1,16 +1,18 @@
-"""surge on a local Ray cluster, end to end: run inside a network namespace with only loopback up
-(Ray's ports listen on every interface), by tests/serving/test_ray_serve.py, which reads the
-JSON this writes. One cluster for every scenario, since Ray's start-up costs seconds.
+"""surge on a local Ray cluster, end to end: run inside a new network namespace, where it brings
+up loopback and nothing else (Ray's ports listen on every interface), by
+tests/serving/test_ray_serve.py, which reads the JSON this writes. One cluster for every scenario, since Ray's start-up costs seconds.
 
-    python -m tests.serving.ray_scenarios RESULT.json WORKDIR
+    unshare -rn python -m tests.serving.ray_scenarios RESULT.json WORKDIR
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import os
 import socket
+import struct
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -247,7 +249,17 @@ async def replaced(victim: str) -> bool:
     return victim not in host_actors() and running_replicas() >= 1
 
 
+def loopback_up() -> None:
+    """Bring up `lo` in this (new, empty) network namespace, as `ip link set lo up` would."""
+    siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        request = struct.pack("16sH14x", b"lo", 0)
+        flags = struct.unpack("16sH14x", fcntl.ioctl(s, siocgifflags, request))[1]
+        fcntl.ioctl(s, siocsifflags, struct.pack("16sH14x", b"lo", flags | iff_up))
+
+
 def main(result_path: Path, work: Path) -> None:
+    loopback_up()
     # the replicas' work reaches the autoscaler twice a second, not every 10 s (inherited by
     # the local cluster's processes)
     os.environ["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
