@@ -9,7 +9,8 @@ import pytest
 
 pytest.importorskip("ray.serve", reason="Ray Serve (the surge[ray] extra)")
 
-from surge.serving.ray import WORK_METRIC, WorkPolicy  # noqa: E402
+from surge.router import ModelKind, ModelSpec  # noqa: E402
+from surge.serving.ray import WORK_METRIC, RayScaling, WorkPolicy, model_scaling  # noqa: E402
 
 
 def ctx(replicas: int, work: list[float], queued: float = 0.0, ongoing: float = 0.0) -> object:
@@ -43,3 +44,20 @@ def test_a_model_scaled_to_zero_starts_a_replica_for_a_waiting_request() -> None
     assert policy(ctx(0, [], ongoing=1.0))[0] == 1  # type: ignore[arg-type]
     assert policy(ctx(0, [], queued=1.0))[0] == 1  # type: ignore[arg-type]
     assert policy(ctx(0, []))[0] == 0  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("own", "flags", "want"),
+    [
+        ((None, None), (1, 2), (1, 2)),  # the flags'
+        ((0, 4), (1, 2), (0, 4)),  # the model's own, from surge.toml
+        ((None, 1), (2, 3), (1, 1)),  # a max below the flags' min takes the min with it
+        ((3, None), (1, 2), (3, 3)),  # a min above the flags' max takes the max with it
+    ],
+)
+def test_a_model_s_own_bounds_win_over_the_flags(
+    own: tuple[int | None, int | None], flags: tuple[int, int], want: tuple[int, int]
+) -> None:
+    spec = ModelSpec("m", "/m", ModelKind.CHAT, min_replicas=own[0], max_replicas=own[1])
+    scaling = model_scaling(spec, RayScaling(min_replicas=flags[0], max_replicas=flags[1]))
+    assert (scaling.min_replicas, scaling.max_replicas) == want

@@ -131,6 +131,10 @@ def test_spec_is_frozen_including_its_options() -> None:
         ({"replicas": 0}, "replicas"),
         ({"replicas": 1.5}, "replicas"),
         ({"keep_alive": -1.0}, "keep_alive"),
+        ({"min_replicas": -1}, "min_replicas"),
+        ({"max_replicas": 0}, "max_replicas"),
+        ({"max_replicas": True}, "max_replicas"),
+        ({"min_replicas": 3, "max_replicas": 2}, "above its max_replicas"),
     ],
 )
 def test_spec_rejects_bad_fields(kwargs: dict[str, object], message: str) -> None:
@@ -277,6 +281,8 @@ max_num_seqs = 64
 [models.embed]
 path = "minilm"
 replicas = 2
+min_replicas = 0
+max_replicas = 3
 kv_cache_memory = 1024
 """
 
@@ -302,6 +308,8 @@ def test_load_config_file(tmp_path: Path) -> None:
     # relative to the file, kind detected, defaults applied, own options win
     assert embed.path == str(tmp_path / "minilm") and embed.kind is ModelKind.EMBEDDING
     assert embed.keep_alive == 600.0 and not embed.pinned and embed.replicas == 2
+    assert (embed.min_replicas, embed.max_replicas) == (0, 3)  # Ray Serve's bounds
+    assert (qwen.min_replicas, qwen.max_replicas) == (None, None)  # the flags'
     assert dict(embed.engine_options) == {"kv_cache_memory": 1024}
 
 

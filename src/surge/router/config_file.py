@@ -17,6 +17,8 @@ The file format::
     keep_alive = -1             # optional; [defaults] keep_alive otherwise
     pinned = true               # optional: never expired, never evicted; default false
     replicas = 1                # optional; default 1
+    min_replicas = 0            # optional, surge serve --ray only: this model's autoscaling
+    max_replicas = 4            #   bounds (default: --min-replicas / --max-replicas)
     max_num_seqs = 64           # engine options by EngineConfig field name; win over [defaults]
 
 Any other key, in any table, is a ValueError naming the file, the table and the key.
@@ -54,7 +56,9 @@ else:  # pragma: no cover - tomli is a dependency on 3.10 only
 logger = logging.getLogger(__name__)
 
 _DEFAULTS_KEYS = frozenset({"keep_alive", "memory_budget"})
-_MODEL_KEYS = frozenset({"path", "kind", "keep_alive", "pinned", "replicas"})
+_MODEL_KEYS = frozenset(
+    {"path", "kind", "keep_alive", "pinned", "replicas", "min_replicas", "max_replicas"}
+)
 _SIZE_OPTIONS = frozenset({"kv_cache_memory"})  # engine options that also take "1GiB"
 
 
@@ -154,6 +158,8 @@ def _parse_model(
             pinned=pinned,
             engine_options=options,
             replicas=table.get("replicas", 1),  # type: ignore[arg-type]  # ModelSpec checks it
+            min_replicas=table.get("min_replicas"),  # type: ignore[arg-type]
+            max_replicas=table.get("max_replicas"),  # type: ignore[arg-type]
         )
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None

@@ -54,6 +54,9 @@ class ModelSpec:
     pinned: bool = False  # never expired, never evicted
     engine_options: Mapping[str, EngineOptionValue] = field(default_factory=dict, hash=False)
     replicas: int = 1
+    # under Ray Serve (surge serve --ray): this model's autoscaling bounds; None = the flags'
+    min_replicas: int | None = None
+    max_replicas: int | None = None
 
     def __post_init__(self) -> None:
         if not self.name or self.name != self.name.strip():
@@ -64,6 +67,15 @@ class ModelSpec:
             raise ValueError(f"replicas of {self.name!r} must be an integer")
         if self.replicas < 1:
             raise ValueError(f"replicas of {self.name!r} must be >= 1, got {self.replicas}")
+        for key, least in (("min_replicas", 0), ("max_replicas", 1)):
+            value = getattr(self, key)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < least
+            ):
+                raise ValueError(f"{key} of {self.name!r} must be an integer >= {least}")
+        low, high = self.min_replicas, self.max_replicas
+        if low is not None and high is not None and low > high:
+            raise ValueError(f"min_replicas of {self.name!r} is above its max_replicas")
         validate_engine_options(self.engine_options, where=f"model {self.name!r}")
         # frozen means frozen: a read-only copy, so the caller's dict can't change the spec later
         object.__setattr__(self, "engine_options", MappingProxyType(dict(self.engine_options)))

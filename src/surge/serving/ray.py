@@ -168,7 +168,8 @@ def remote_starter(
         engine_config = host_engine_config(spec, config.engine, scaling)
         files = await asyncio.to_thread(load_model_files, engine_config.model)
         tokenizer = await asyncio.to_thread(Tokenizer.from_model_files, files)
-        replicas = dataclasses.replace(config.replicas, replicas=1, hosts=scaling.max_replicas)
+        most = model_scaling(spec, scaling).max_replicas
+        replicas = dataclasses.replace(config.replicas, replicas=1, hosts=most)
         engine = AsyncEngine(
             engine_config,
             tokenizer,
@@ -183,6 +184,23 @@ def remote_starter(
         return ChatHandle(engine)
 
     return start
+
+
+def model_scaling(spec: ModelSpec, scaling: RayScaling) -> RayScaling:
+    """A model's scaling: its own bounds from surge.toml (min_replicas, max_replicas) over the
+    flags'; a bound it doesn't set follows the one it does."""
+    high = spec.max_replicas
+    low = spec.min_replicas
+    if low is None:
+        low = scaling.min_replicas if high is None else min(scaling.min_replicas, high)
+    if high is None:
+        high = max(scaling.max_replicas, low, 1)
+    initial = scaling.initial_replicas
+    if initial is not None:
+        initial = min(max(initial, low), high)
+    return dataclasses.replace(
+        scaling, min_replicas=low, max_replicas=high, initial_replicas=initial
+    )
 
 
 def host_engine_config(spec: ModelSpec, base: EngineConfig, scaling: RayScaling) -> EngineConfig:
@@ -237,12 +255,13 @@ def build_app(
     encoder_threads = server_config.encoder_threads or 1
     hosts, encoders = {}, {}
     for spec in models.specs:
+        own = model_scaling(spec, scaling)
         if spec.kind is ModelKind.CHAT:
-            hosts[spec.name] = _engine_deployment(spec, engine_config, scaling).bind(
-                host_engine_config(spec, engine_config, scaling), supervisor
+            hosts[spec.name] = _engine_deployment(spec, engine_config, own).bind(
+                host_engine_config(spec, engine_config, own), supervisor
             )
         else:
-            deployment = _encoder_deployment(spec, scaling, encoder_threads)
+            deployment = _encoder_deployment(spec, own, encoder_threads)
             encoders[spec.name] = deployment.bind(spec, encoder_threads)
     ingress = serve.deployment(Ingress, name="ingress", ray_actor_options={"num_cpus": 0})
     return ingress.bind(engine_config, server_config, models, ui, scaling, hosts, encoders)
