@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from surge.plan.units import format_rate, format_size, parse_rate, parse_size
+from surge.plan.units import format_rate, parse_rate, parse_size
+from surge.router.memory import format_bytes
 
 
 @pytest.mark.parametrize(
@@ -40,7 +41,7 @@ def test_parse_rate(text: str, expected: float) -> None:
 
 
 def test_format() -> None:
-    assert format_size(24 * 2**30) == "24.0 GiB"
-    assert format_size(1536) == "1.5 KiB"
+    assert format_bytes(24 * 2**30) == "24.0 GiB"
+    assert format_bytes(1536) == "1.5 KiB"
     assert format_rate(936e9, "B") == "936 GB/s"
     assert format_rate(71e12, "FLOP") == "71 TFLOP/s"

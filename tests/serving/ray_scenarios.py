@@ -133,7 +133,6 @@ async def scenarios(base: str, results: dict[str, Any]) -> None:
             async for line in r.aiter_lines():
                 if line.startswith("data: {") and '"content"' in line:
                     break
-            results["disconnect_busy"] = await host_counters()
         await wait_for("the abort on the host", lambda: idle())
         results["disconnect_idle"] = await host_counters()
 

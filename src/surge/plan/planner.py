@@ -16,8 +16,8 @@ from surge.plan.estimate import (
     decode_bound,
     max_context_for,
 )
-from surge.plan.units import format_size
 from surge.plan.weights import WeightsEstimate, gguf_weights, hf_weights
+from surge.router.memory import format_bytes
 
 
 @dataclass(frozen=True)
@@ -141,18 +141,18 @@ def _answer(
     free = s.memory_bytes - cap.reserve_bytes
     if s.kv_cache_memory is not None and cap.weights_bytes + cap.kv_cache_memory > s.memory_bytes:
         return False, (
-            f"No: weights ({format_size(cap.weights_bytes)}) and KV cache "
-            f"({format_size(cap.kv_cache_memory)}) take more than {format_size(s.memory_bytes)}."
+            f"No: weights ({format_bytes(cap.weights_bytes)}) and KV cache "
+            f"({format_bytes(cap.kv_cache_memory)}) take more than {format_bytes(s.memory_bytes)}."
         )
     if cap.num_kv_blocks == 0 or cap.max_seqs_by_kv == 0:
         if cap.weights_bytes >= free and s.kv_cache_memory is None:
             return False, (
-                f"No: the weights alone take {format_size(cap.weights_bytes)} of the "
-                f"{format_size(free)} left after the {format_size(cap.reserve_bytes)} reserve."
+                f"No: the weights alone take {format_bytes(cap.weights_bytes)} of the "
+                f"{format_bytes(free)} left after the {format_bytes(cap.reserve_bytes)} reserve."
             )
         return False, (
-            f"No: the KV cache ({format_size(cap.kv_cache_memory)}) can't hold one sequence of "
-            f"{s.context_len} tokens ({format_size(cap.blocks_per_seq * cap.kv_bytes_per_block)})."
+            f"No: the KV cache ({format_bytes(cap.kv_cache_memory)}) can't hold one sequence of "
+            f"{s.context_len} tokens ({format_bytes(cap.blocks_per_seq * cap.kv_bytes_per_block)})."
         )
     if users is None:
         return True, (
@@ -163,8 +163,8 @@ def _answer(
         longest = max_context_for(users, cap, s.block_size)
         return False, (
             f"No: {limit} holds {cap.max_concurrent_seqs} sequences of {s.context_len} tokens, "
-            f"not {users} (need {format_size(users * cap.blocks_per_seq * cap.kv_bytes_per_block)}"
-            f" of KV cache, have {format_size(cap.kv_cache_bytes)}); {users} users fit with "
+            f"not {users} (need {format_bytes(users * cap.blocks_per_seq * cap.kv_bytes_per_block)}"
+            f" of KV cache, have {format_bytes(cap.kv_cache_bytes)}); {users} users fit with "
             f"contexts up to {longest} tokens each."
         )
     assert at_users is not None

@@ -8,7 +8,8 @@ import json
 from surge.plan.devices import DEVICES
 from surge.plan.estimate import SpeedBound
 from surge.plan.planner import Plan
-from surge.plan.units import format_rate, format_size
+from surge.plan.units import format_rate
+from surge.router.memory import format_bytes
 
 
 def to_json(plan: Plan) -> str:
@@ -36,12 +37,12 @@ def to_text(plan: Plan) -> str:
         ("device", f"{d.name}: {d.description}"),
         ("peaks", f"{format_rate(d.bandwidth, 'B')}, {format_rate(d.flops, 'FLOP')}"),
         ("dtype / weights", f"{plan.dtype} / quantization {plan.quantization}"),
-        ("weights", format_size(c.weights_bytes)),
-        ("reserve", f"{format_size(c.reserve_bytes)} (runtime, activations)"),
-        ("KV cache", f"{format_size(c.kv_cache_memory)} of {format_size(plan.memory_bytes)}"),
+        ("weights", format_bytes(c.weights_bytes)),
+        ("reserve", f"{format_bytes(c.reserve_bytes)} (runtime, activations)"),
+        ("KV cache", f"{format_bytes(c.kv_cache_memory)} of {format_bytes(plan.memory_bytes)}"),
         (
             "KV per token",
-            f"{format_size(c.kv_bytes_per_token)} ({plan.shape.num_layers} layers x "
+            f"{format_bytes(c.kv_bytes_per_token)} ({plan.shape.num_layers} layers x "
             f"{plan.shape.num_kv_heads} KV heads x {plan.shape.head_dim} x 2 (K,V))",
         ),
         (
@@ -72,7 +73,7 @@ def devices_table() -> str:
     """The device table, one line each."""
     lines = []
     for d in DEVICES.values():
-        memory = format_size(d.memory_bytes) if d.memory_bytes else "(--memory)"
+        memory = format_bytes(d.memory_bytes) if d.memory_bytes else "(--memory)"
         lines.append(
             f"{d.name:<10}  {memory:>10}  {format_rate(d.bandwidth, 'B'):>11}  "
             f"{format_rate(d.flops, 'FLOP'):>14}  {d.description}"

@@ -32,16 +32,6 @@ def parse_rate(text: str) -> float:
     return float(m.group(1)) * _DECIMAL[m.group(2).lower()]
 
 
-def format_size(num_bytes: float) -> str:
-    """1024-based: 1536 -> '1.5 KiB', 24 * 2**30 -> '24.0 GiB'."""
-    value = float(num_bytes)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024:
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
-
-
 def format_rate(per_s: float, unit: str) -> str:
     """Decimal: 936e9, 'B' -> '936 GB/s'; 71e12, 'FLOP' -> '71 TFLOP/s'."""
     for prefix, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):

@@ -278,12 +278,7 @@ def _engine_deployment(
         max_ongoing_requests=max(64, 4 * spec.engine_config(engine_config).max_num_seqs),
         health_check_period_s=scaling.health_check_period_s,
         autoscaling_config=AutoscalingConfig(
-            min_replicas=scaling.min_replicas,
-            max_replicas=scaling.max_replicas,
-            initial_replicas=scaling.initial_replicas,
-            upscale_delay_s=scaling.upscale_delay_s,
-            downscale_delay_s=scaling.downscale_delay_s,
-            downscale_to_zero_delay_s=scaling.downscale_delay_s,
+            **_bounds(scaling),
             look_back_period_s=max(10.5, scaling.upscale_delay_s),
             policy=AutoscalingPolicy(
                 policy_function=WorkPolicy,
@@ -303,15 +298,21 @@ def _encoder_deployment(spec: ModelSpec, scaling: RayScaling, num_threads: int) 
         max_ongoing_requests=max(64, 4 * math.ceil(scaling.target_work)),
         health_check_period_s=scaling.health_check_period_s,
         autoscaling_config=AutoscalingConfig(
-            min_replicas=scaling.min_replicas,
-            max_replicas=scaling.max_replicas,
-            initial_replicas=scaling.initial_replicas,
-            target_ongoing_requests=scaling.target_work,
-            upscale_delay_s=scaling.upscale_delay_s,
-            downscale_delay_s=scaling.downscale_delay_s,
-            downscale_to_zero_delay_s=scaling.downscale_delay_s,
+            **_bounds(scaling), target_ongoing_requests=scaling.target_work
         ),
     )
+
+
+def _bounds(scaling: RayScaling) -> dict[str, Any]:
+    """The AutoscalingConfig fields every model deployment shares: its bounds and delays."""
+    return {
+        "min_replicas": scaling.min_replicas,
+        "max_replicas": scaling.max_replicas,
+        "initial_replicas": scaling.initial_replicas,
+        "upscale_delay_s": scaling.upscale_delay_s,
+        "downscale_delay_s": scaling.downscale_delay_s,
+        "downscale_to_zero_delay_s": scaling.downscale_delay_s,
+    }
 
 
 def run(
