@@ -372,3 +372,109 @@ def test_a_large_file(data_dir: Path) -> None:
         assert "Section 7777:" in hits[0].passage.text
 
     run(data_dir, body, embed_batch_size=256)
+
+
+def test_batches_are_stored_as_embedded_but_searchable_only_when_done(data_dir: Path) -> None:
+    """Each embedded batch is stored at once (no whole document held until the end), out of
+    search until the last one is in; a failure half way deletes the stored batches."""
+    calls = 0
+    second = asyncio.Event()
+    release = asyncio.Event()
+    fail = False
+
+    async def gated_embed(texts: list[str]) -> np.ndarray:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            second.set()
+            await release.wait()
+        if fail and calls == 3:
+            raise RuntimeError("embedding service answered 503")
+        return await fake_embed(texts)
+
+    async def body(h: Harness) -> None:
+        nonlocal calls, fail
+        upload = await h.ingestor.add(h.kb_id, "manual.md", MANUAL)
+        await second.wait()  # the first batch is embedded and stored, the second is waiting
+        assert await h.num_chunks(upload.document_id) == 2
+        document = await h.document(upload.document_id)
+        assert document.status is DocumentStatus.PROCESSING and document.num_chunks == 0
+        assert len((await h.cache.get(h.kb_id)).passages) == 0  # not searchable yet
+        release.set()
+        await h.ingestor.wait(upload.document_id)
+        document = await h.document(upload.document_id)
+        assert document.status is DocumentStatus.DONE
+        assert document.num_chunks == await h.num_chunks(upload.document_id) > 4
+        assert len((await h.cache.get(h.kb_id)).passages) == document.num_chunks
+
+        calls, fail = 0, True  # the same again, failing at the third batch
+        second.clear()
+        assert await h.ingestor.reindex(upload.document_id)
+        await h.ingestor.wait(upload.document_id)
+        document = await h.document(upload.document_id)
+        assert document.status is DocumentStatus.FAILED and "503" in (document.error or "")
+        assert await h.num_chunks() == 0
+        assert len((await h.cache.get(h.kb_id)).passages) == 0
+        assert not list(h.blobs.root.glob(".chunks-*"))  # the spool files are gone
+
+    run(data_dir, body, embed=gated_embed, embed_batch_size=2)
+
+
+def test_a_cancel_between_batches_deletes_the_stored_ones(data_dir: Path) -> None:
+    second = asyncio.Event()
+    release = asyncio.Event()
+    calls = 0
+
+    async def gated_embed(texts: list[str]) -> np.ndarray:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            second.set()
+            await release.wait()
+        return await fake_embed(texts)
+
+    async def body(h: Harness) -> None:
+        upload = await h.ingestor.add(h.kb_id, "manual.md", MANUAL)
+        await second.wait()
+        assert await h.num_chunks(upload.document_id) == 2
+        async with h.sessions() as session:  # a cancel seen at the next batch's write
+            await store.set_status(session, upload.document_id, DocumentStatus.CANCELLED)
+        release.set()
+        await h.ingestor.wait(upload.document_id)
+        assert (await h.document(upload.document_id)).status is DocumentStatus.CANCELLED
+        assert await h.num_chunks() == 0
+
+    run(data_dir, body, embed=gated_embed, embed_batch_size=2)
+
+
+def _scheduling_policy() -> int:
+    return os.sched_getscheduler(0)
+
+
+def _mark_and_sleep(marker: str) -> None:
+    import time
+
+    Path(marker).touch()
+    time.sleep(600)
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux-only")
+def test_parse_workers_run_idle_and_close_stops_a_busy_one(data_dir: Path) -> None:
+    """A parse worker takes only CPU time nobody else wants; shutting down does not wait for
+    a parse in progress (a 30 MB PDF takes minutes)."""
+
+    async def body(h: Harness) -> None:
+        pool = h.ingestor._executor
+        loop = asyncio.get_running_loop()
+        assert await loop.run_in_executor(pool, _scheduling_policy) == os.SCHED_IDLE
+        marker = data_dir / "busy"
+        busy = loop.run_in_executor(pool, _mark_and_sleep, str(marker))
+        while not marker.exists():  # the worker is inside the long job
+            await asyncio.sleep(0.05)
+        await h.ingestor.close()
+        # The job's future fails once its worker is gone; without the terminate it would wait
+        # out the sleep (the bound only keeps a regression from hanging the suite).
+        with pytest.raises(concurrent.futures.process.BrokenProcessPool):
+            await asyncio.wait_for(busy, 120)
+
+    run(data_dir, body, max_concurrent_jobs=1)

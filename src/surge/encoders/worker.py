@@ -30,7 +30,7 @@ from surge.encoders.messages import (
     RerankRequest,
 )
 from surge.encoders.runner import EncoderInputError, EncoderRunner, Features
-from surge.process import die_with_parent, ignore_group_signals
+from surge.process import die_with_parent, freeze_loaded_objects, ignore_group_signals
 
 logger = logging.getLogger(__name__)
 
@@ -286,6 +286,7 @@ def run_encoder_worker(config: EncoderConfig, input_addr: str, output_addr: str)
             outputs.send(encoder.encode(EncoderLoadFailed(f"{type(e).__name__}: {e}")))
             raise SystemExit(1) from e
         logger.info("encoder %s loaded: %s", config.model_name, runner.info)
+        freeze_loaded_objects(collect=True)
         outputs.send(encoder.encode(_ready_message(runner)))
         worker = EncoderWorker(runner, config, lambda out: outputs.send(encoder.encode(out)))
         run_worker_loop(worker, get_inputs, lambda: parent is None or parent.is_alive())

@@ -25,7 +25,7 @@ from surge.engine.messages import (
 )
 from surge.engine.placement import apply_cpu_affinity
 from surge.models.loader import load_model_files
-from surge.process import die_with_parent, ignore_group_signals
+from surge.process import die_with_parent, freeze_loaded_objects, ignore_group_signals
 from surge.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -145,6 +145,7 @@ def run_engine_core(config: EngineConfig, input_addr: str, output_addr: str) -> 
 
     try:
         core = build_engine_core(config)
+        freeze_loaded_objects(collect=True)  # no full collection walks the model in a step
         outputs.send(encoder.encode(ready_message(core)))
         run_core_loop(
             core,

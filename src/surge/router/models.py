@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Coroutine, Iterable
 from typing import TypeVar
 
+from surge.process import freeze_loaded_objects
 from surge.router.lease import AbortInFlight, Estimator, KeepAlive, Lease, Starter
 from surge.router.memory import EvictionCandidate, ModelCost, choose_evictions, estimate_cost
 from surge.router.spec import ModelSpec
@@ -187,6 +188,7 @@ class ModelRegistry:
             outcome = ModelLoadError(name, entry.reason or "", self._retry_after(entry))
         else:
             entry.finish_load(handle, self._now())
+            freeze_loaded_objects(collect=False)  # what the load made lives as long as it
             outcome = None
         finally:
             self._load_tasks.pop(name, None)

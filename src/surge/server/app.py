@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from surge.config import EngineConfig, ServerConfig
 from surge.engine.async_engine import EngineDeadError, EngineOverloadedError
 from surge.engine.request import InvalidRequestError
+from surge.process import freeze_loaded_objects
 from surge.router import ModelRegistry, Starter, estimate_cost
 from surge.server.admin_api import router as admin_router
 from surge.server.admission import Admission
@@ -174,6 +175,7 @@ async def _load_startup_models(state: ServerState) -> None:
     if state.startup_error is not None:
         os.kill(os.getpid(), signal.SIGTERM)  # a server without its models is of no use
         return
+    freeze_loaded_objects(collect=True)
     logger.info("ready: %s", ", ".join(state.startup_models))
 
 

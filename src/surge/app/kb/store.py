@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from datetime import datetime, timezone
+from typing import NamedTuple
 
 import numpy as np
 from sqlalchemy import (
@@ -33,7 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
 from surge.app.db import Base
-from surge.app.kb.split import DEFAULT_CHUNK_SIZE, DEFAULT_OVERLAP, Chunk, SplitConfig
+from surge.app.kb.split import DEFAULT_CHUNK_SIZE, DEFAULT_OVERLAP, SplitConfig
 
 
 def _utcnow() -> datetime:
@@ -296,19 +297,30 @@ async def set_progress(session: AsyncSession, document_id: int, progress: float)
     await session.commit()
 
 
-async def save_chunks(
+class NewChunk(NamedTuple):
+    """A prepared chunk on its way into the store (a tuple: cheap to pickle between processes)."""
+
+    ordinal: int
+    text: str
+    page: int | None
+    heading: str | None
+    tokens: str  # space-separated BM25 tokens
+
+
+async def add_chunks(
     session: AsyncSession,
     document_id: int,
-    chunks: Sequence[Chunk],
-    tokens: Sequence[Sequence[str]],
+    chunks: Sequence[NewChunk],
     embeddings: np.ndarray,
+    progress: float,
 ) -> bool:
-    """Store a processed document's chunks and mark it DONE, in one transaction; False (and
-    nothing stored) if it was cancelled or deleted meanwhile."""
+    """Store one batch of a PROCESSING document's chunks and its progress, in one short
+    transaction; False (nothing stored) once the document left PROCESSING (cancelled, deleted).
+    The chunks stay out of search until `finish_document`."""
     moved = await session.execute(
         update(Document)
         .where(Document.id == document_id, Document.status == DocumentStatus.PROCESSING)
-        .values(status=DocumentStatus.DONE, progress=1.0, error=None, num_chunks=len(chunks))
+        .values(progress=progress)
     )
     if moved.rowcount != 1:  # type: ignore[attr-defined]
         await session.rollback()
@@ -323,16 +335,44 @@ async def save_chunks(
             "text": chunk.text,
             "page": chunk.page,
             "heading": chunk.heading,
-            "tokens": " ".join(chunk_tokens),
+            "tokens": chunk.tokens,
             "embedding": vectors[i].tobytes(),
         }
-        for i, (chunk, chunk_tokens) in enumerate(zip(chunks, tokens, strict=True))
+        for i, chunk in enumerate(chunks)
     ]
     if rows:  # one executemany, not an ORM object per chunk
         await session.execute(insert(ChunkRow), rows)
+    await session.commit()
+    return True
+
+
+async def finish_document(session: AsyncSession, document_id: int) -> bool:
+    """Mark a PROCESSING document DONE with the chunks stored so far, which makes them
+    searchable; False if it was cancelled or deleted meanwhile."""
+    num_chunks = await session.scalar(
+        select(func.count()).select_from(ChunkRow).where(ChunkRow.document_id == document_id)
+    )
+    moved = await session.execute(
+        update(Document)
+        .where(Document.id == document_id, Document.status == DocumentStatus.PROCESSING)
+        .values(status=DocumentStatus.DONE, progress=1.0, error=None, num_chunks=num_chunks)
+    )
+    if moved.rowcount != 1:  # type: ignore[attr-defined]
+        await session.rollback()
+        return False
+    kb_id = await session.scalar(select(Document.kb_id).where(Document.id == document_id))
     await _bump_version(session, kb_id)
     await session.commit()
     return True
+
+
+async def drop_unfinished_chunks(session: AsyncSession, document_id: int) -> None:
+    """Delete the chunks a job stored for a document that did not become DONE (a cancel, a
+    failure, a restart); a DONE document's chunks are left alone."""
+    status = await session.scalar(select(Document.status).where(Document.id == document_id))
+    if status is not DocumentStatus.DONE:
+        await session.execute(delete(ChunkRow).where(ChunkRow.document_id == document_id))
+        await session.commit()
 
 
 async def _bump_version(session: AsyncSession, kb_id: int | None) -> None:
