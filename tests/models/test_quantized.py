@@ -163,11 +163,14 @@ def test_bundled_q4_1_runs_quantized_answers_and_is_batch_invariant(default_mode
     assert runner.quantization == "gguf"
     linears = [m for m in runner.model.modules() if isinstance(m, Linear)]
     assert linears and all(m.weight is None and m.quant_segments for m in linears)
+    # Not France: for this Q4 model its first token is a near tie ("The" -1.97 vs "L" -2.03 in
+    # logprob), so a last-bit change anywhere (e.g. the attention kernel) can flip the answer;
+    # Japan's is not (-0.35 vs -2.72). The perplexity gate below is the accuracy check.
     out = llm.chat(
-        [{"role": "user", "content": "What is the capital of France?"}],
+        [{"role": "user", "content": "What is the capital of Japan?"}],
         SamplingParams(temperature=0.0, max_tokens=32),
     )[0]
-    assert "Paris" in out.outputs[0].text
+    assert "Tokyo" in out.outputs[0].text
     prompts, params = mixed_workload(runner.vocab_size, num=24, seed=3)
     for p in params:
         p.max_tokens = min(p.max_tokens, 8)

@@ -132,7 +132,6 @@ class ModelRunner:
         input_ids: list[int] = []
         positions: list[int] = []
         query_lens, context_lens, block_tables, sample_index = [], [], [], []
-        replay_from: list[int] = []
         rows: list[SamplingRow] = []
         sample_req_ids: list[str] = []
         offset = 0
@@ -143,7 +142,6 @@ class ModelRunner:
             query_lens.append(n)
             context_lens.append(start + n)
             block_tables.append(seq.block_ids)
-            replay_from.append(req.num_prompt_tokens)
             offset += n
             if seq.sample:
                 sample_index.append(offset - 1)
@@ -156,8 +154,9 @@ class ModelRunner:
             self.config.block_size,
             self.device,
             decode_gather=not self.uses_cpu_kernels,
-            # only the fused path has the decode kernel that makes replayed rows exact
-            replay_from=replay_from if self.uses_cpu_kernels else None,
+            # the fused path attends prefill rows with its decode kernel: exact whatever the
+            # chunking or the batch, and resumed or recomputed tokens equal their decodes
+            rows_by_decode_kernel=self.uses_cpu_kernels,
         )
         ids = torch.tensor(input_ids, dtype=torch.int64, device=self.device)
         pos = torch.tensor(positions, dtype=torch.int64, device=self.device)

@@ -35,18 +35,21 @@ class AttentionMetadata:
     # decodes, for the torch path (built only when asked for): a padded gather of each context
     decode_slots: torch.Tensor | None  # [num_decodes, max_decode_len] int64 (padding -> slot 0)
     decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_decode_len] bool, True = attend
-    # prefills (and chunks), one entry per sequence after the decodes
+    # prefills (and chunks) for SDPA, one entry per sequence after the decodes (none when the
+    # decode kernel takes every prefill row: prefill_rows)
     prefill_query_starts: list[int]  # token offset of each sequence in the flat batch
     prefill_query_lens: list[int]
     prefill_context_lens: list[int]  # tokens in context after this step (cached + new)
     prefill_slots: list[torch.Tensor]  # [context_len] int64 slots of each sequence's context
     prefill_masks: list[torch.Tensor | None]  # [query_len, context_len] bool, None = plain causal
-    # prefill rows of tokens the sequence generated before (recomputed after a preemption, or
-    # resumed on another replica): the fused path attends them with the decode kernel, as when
-    # they were decoded, so the recomputed cache and the tokens after it are the same bits
-    replay_rows: torch.Tensor | None = None  # [R] int64 flat token indices
-    replay_block_tables: torch.Tensor | None = None  # [R, max_blocks] int32 (padding -> 0)
-    replay_context_lens: torch.Tensor | None = None  # [R] int32: each row's position + 1
+    # prefill rows the fused path attends with the decode kernel, one row at a time, each over
+    # its own prefix, exactly as a decode: a row's bits depend only on its sequence and position,
+    # never on how its prompt was chunked or batched, or on whether its token was generated
+    # before (recomputed after a preemption, resumed on another replica). On this CPU it was
+    # also 1.5-3x faster than torch's SDPA per sequence, from 64-token bursts to 4k prompts.
+    prefill_rows: torch.Tensor | None = None  # [R] int64 flat token indices
+    prefill_row_block_tables: torch.Tensor | None = None  # [R, max_blocks] int32 (padding -> 0)
+    prefill_row_context_lens: torch.Tensor | None = None  # [R] int32: each row's position + 1
 
 
 def build_attention_metadata(
@@ -56,13 +59,13 @@ def build_attention_metadata(
     block_size: int,
     device: torch.device | str = "cpu",
     decode_gather: bool = True,
-    replay_from: list[int] | None = None,
+    rows_by_decode_kernel: bool = False,
 ) -> AttentionMetadata:
     """Build the step's metadata; decodes (query_len == 1) should come first.
 
     decode_gather=False skips the padded slot gather that only the torch decode path reads.
-    replay_from[i]: the position from which sequence i's tokens were generated (its prompt
-    length); prefill rows at or past it are listed as replay rows (see AttentionMetadata).
+    rows_by_decode_kernel: every prefill row is listed for the decode kernel (prefill_rows), and
+    none for SDPA (the fused path; see AttentionMetadata).
 
     context_lens[i] counts the sequence's tokens after this step (already cached + new), so the
     new tokens sit at positions [context_len - query_len, context_len). Ordering decodes first is
@@ -96,7 +99,8 @@ def build_attention_metadata(
             :, None, None, :
         ]
     starts, p_q, p_ctx, p_slots, p_masks = [], [], [], [], []
-    replay: list[tuple[int, int, list[int]]] = []  # (flat row, context len, block table)
+    row_seq: list[int] = []  # each decode-kernel row's sequence (index among the prefills)
+    row_pos: list[torch.Tensor] = []  # their positions, per sequence
     offset = num_decodes
     for i, (q, ctx, table) in enumerate(
         zip(
@@ -106,28 +110,29 @@ def build_attention_metadata(
             strict=True,
         )
     ):
-        if replay_from is not None:
-            first = max(replay_from[num_decodes + i], ctx - q)
-            replay.extend((offset + pos - (ctx - q), pos + 1, table) for pos in range(first, ctx))
-        starts.append(offset)
+        if rows_by_decode_kernel:
+            row_seq.extend([i] * q)
+            row_pos.append(torch.arange(ctx - q, ctx, dtype=torch.int32))
+        else:
+            starts.append(offset)
+            p_q.append(q)
+            p_ctx.append(ctx)
+            p_slots.append(torch.tensor(_slots(table, 0, ctx, block_size), device=device))
+            # query row j sits at position ctx - q + j and sees every position up to it
+            p_masks.append(
+                None
+                if q == ctx
+                else torch.ones(q, ctx, dtype=torch.bool, device=device).tril(ctx - q)
+            )
         offset += q
-        p_q.append(q)
-        p_ctx.append(ctx)
-        slots = _slots(table, 0, ctx, block_size)
-        p_slots.append(torch.tensor(slots, dtype=torch.int64, device=device))
-        # query row i sits at position ctx - q + i and sees every position up to it
-        mask = (
-            None if q == ctx else torch.ones(q, ctx, dtype=torch.bool, device=device).tril(ctx - q)
-        )
-        p_masks.append(mask)
-    replay_rows = replay_tables = replay_lens = None
-    if replay:
-        width = max(len(t) for _, _, t in replay)
-        replay_rows = torch.tensor([r for r, _, _ in replay], dtype=torch.int64, device=device)
-        replay_tables = torch.tensor(
-            [t + [0] * (width - len(t)) for _, _, t in replay], dtype=torch.int32, device=device
-        )
-        replay_lens = torch.tensor([n for _, n, _ in replay], dtype=torch.int32, device=device)
+    rows = row_tables = row_lens = None
+    if row_seq:
+        tables = block_tables[num_decodes:]
+        width = max(len(t) for t in tables)
+        seq_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        rows = torch.arange(num_decodes, offset, dtype=torch.int64, device=device)
+        row_tables = seq_tables[torch.tensor(row_seq)].to(device)
+        row_lens = (torch.cat(row_pos) + 1).to(device)
     return AttentionMetadata(
         slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=device),
         block_size=block_size,
@@ -141,9 +146,9 @@ def build_attention_metadata(
         prefill_context_lens=p_ctx,
         prefill_slots=p_slots,
         prefill_masks=p_masks,
-        replay_rows=replay_rows,
-        replay_block_tables=replay_tables,
-        replay_context_lens=replay_lens,
+        prefill_rows=rows,
+        prefill_row_block_tables=row_tables,
+        prefill_row_context_lens=row_lens,
     )
 
 
@@ -233,8 +238,9 @@ def fused_paged_attention(
 ) -> torch.Tensor:
     """CPU kernel backend on the fused qkv rows [T, (H + 2 Hkv) * D] -> out [T, H * D].
 
-    Rotary and the cache write run in one kernel over every token, the decodes in one kernel
-    straight from the blocks (no gather); prefills keep the per-sequence SDPA of the torch path.
+    Rotary and the cache write run in one kernel over every token, then the decode attention
+    kernel straight from the blocks (no gather): the decodes in one call, and the prefill rows
+    the metadata lists (prefill_rows) in another; any other prefill gets the torch path's SDPA.
     cos/sin: float32 [T, 1, rotary_dim // 2].
     """
     num_tokens = qkv.shape[0]
@@ -269,20 +275,20 @@ def fused_paged_attention(
         scale,
         out,
     )
-    if meta.replay_rows is not None:  # after the SDPA of their sequence: these rows win
-        rows = meta.replay_rows
-        replayed = torch.empty((rows.numel(), num_heads, head_dim), dtype=out.dtype)
+    if meta.prefill_rows is not None:
+        rows = meta.prefill_rows
+        attended = torch.empty((rows.numel(), num_heads, head_dim), dtype=out.dtype)
         kernels.decode_attention(
-            replayed,
+            attended,
             q[rows],
             k_cache,
             v_cache,
-            meta.replay_block_tables,
-            meta.replay_context_lens,
+            meta.prefill_row_block_tables,
+            meta.prefill_row_context_lens,
             meta.block_size,
             scale,
         )
-        out[rows] = replayed
+        out[rows] = attended
     return out.view(num_tokens, -1)
 
 
@@ -296,7 +302,8 @@ def _prefill_attention(
     scale: float,
     out: torch.Tensor,
 ) -> None:
-    """One SDPA per prefilling sequence (the only loop per layer), written into out."""
+    """One SDPA per prefilling sequence with rows the decode kernel does not attend (the only
+    loop per layer), written into out."""
     for start, qlen, slots, mask in zip(
         meta.prefill_query_starts,
         meta.prefill_query_lens,
