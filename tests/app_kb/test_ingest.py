@@ -304,9 +304,20 @@ def test_resume_finishes_jobs_interrupted_by_a_restart(data_dir: Path) -> None:
             )
             session.add(document)
             await session.commit()
+            # the killed job had stored its first batch, and left its spool file behind
+            stored = store.NewChunk(0, "half a job", None, None, "half job")
+            await store.add_chunks(session, document.id, [stored], np.ones((1, 8)), 0.4)
+        stale, fresh = h.blobs.root / ".chunks-old", h.blobs.root / ".chunks-live"
+        stale.write_bytes(b"x")
+        fresh.write_bytes(b"x")
+        os.utime(stale, (0, 0))  # long ago; `fresh` may be a live job's of another process
         assert await h.ingestor.resume() == 1
         await h.ingestor.wait(document.id)
-        assert (await h.document(document.id)).status is DocumentStatus.DONE
+        document = await h.document(document.id)
+        assert document.status is DocumentStatus.DONE
+        assert document.num_chunks == await h.num_chunks(document.id) >= 1
+        assert "half a job" not in [p.text for p in (await h.cache.get(h.kb_id)).passages]
+        assert not stale.exists() and fresh.exists()
 
     run(data_dir, body)
 

@@ -28,6 +28,7 @@ import os
 import pickle
 import re
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,8 @@ PREPARED_PROGRESS = 0.1  # parsed, split and tokenized; embedding takes the rest
 MAX_FILE_NAME = 255
 MAX_ERROR_CHARS = 500
 PARSE_NICE = 10  # as the embedding worker
+SPOOL_PREFIX = ".chunks-"  # prepared chunks on their way from a parse worker to the store
+STALE_SPOOL_S = 24 * 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,7 +241,10 @@ class Ingestor:
                     await asyncio.to_thread(self._blobs.delete, sha256)
 
     async def resume(self) -> int:
-        """Queue again the documents a previous run left QUEUED or PROCESSING; how many."""
+        """Queue again the documents a previous run left QUEUED or PROCESSING; how many. Spool
+        files a killed run left behind are deleted once a day old (several app processes may
+        share the data directory, and a live job's spool is younger than that)."""
+        await asyncio.to_thread(_delete_stale_spools, self._blobs.root)
         async with self._sessions() as session:
             ids = list(
                 await session.scalars(
@@ -313,7 +319,7 @@ class Ingestor:
             ):
                 return  # cancelled while it waited
             await store.drop_unfinished_chunks(session, document_id)  # a crashed run's
-        fd, name = tempfile.mkstemp(dir=self._blobs.root, prefix=".chunks-")
+        fd, name = tempfile.mkstemp(dir=self._blobs.root, prefix=SPOOL_PREFIX)
         os.close(fd)
         spool = Path(name)
         try:
@@ -381,6 +387,16 @@ class Ingestor:
             if status is not None:
                 await store.set_status(session, document_id, status, **values)  # type: ignore[arg-type]
             await store.drop_unfinished_chunks(session, document_id)
+
+
+def _delete_stale_spools(root: Path) -> None:
+    cutoff = time.time() - STALE_SPOOL_S
+    for spool in root.glob(f"{SPOOL_PREFIX}*"):
+        try:
+            if spool.stat().st_mtime < cutoff:
+                spool.unlink()
+        except FileNotFoundError:
+            pass
 
 
 def _stop_workers(executor: concurrent.futures.Executor) -> None:
