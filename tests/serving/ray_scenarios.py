@@ -37,8 +37,10 @@ EMBEDDER = "tiny-embed"
 EMBED_TEXTS = ["hello ray", "embeddings through serve", "一二三"]
 TOO_LONG = " ".join(["hello"] * 2 * TINY_MAX_SEQ_LENGTH)
 LONG = 300  # tokens: streams that stay open while the cluster changes under them
-CONTEXT = 8192
-DISCONNECT_TOKENS = 8000  # far more than the host makes before the client has gone
+CONTEXT = 32768
+# far more than the host makes before the client's disconnect reaches it (through Serve's proxy
+# and the ingress): 8000 once ran to its end first, a few seconds for the tiny model
+DISCONNECT_TOKENS = 32000
 # Scenario steps wait for the cluster, never for a fixed time; this only bounds a broken run.
 PATIENCE_S = 240.0
 
