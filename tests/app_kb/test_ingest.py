@@ -306,7 +306,7 @@ def test_resume_finishes_jobs_interrupted_by_a_restart(data_dir: Path) -> None:
             await session.commit()
             # the killed job had stored its first batch, and left its spool file behind
             stored = store.NewChunk(0, "half a job", None, None, "half job")
-            await store.add_chunks(session, document.id, [stored], np.ones((1, 8)), 0.4)
+            await store.add_chunks(session, document.id, h.kb_id, [stored], np.ones((1, 8)), 0.4)
         stale, fresh = h.blobs.root / ".chunks-old", h.blobs.root / ".chunks-live"
         stale.write_bytes(b"x")
         fresh.write_bytes(b"x")
@@ -385,41 +385,46 @@ def test_a_large_file(data_dir: Path) -> None:
     run(data_dir, body, embed_batch_size=256)
 
 
-def test_batches_are_stored_as_embedded_but_searchable_only_when_done(data_dir: Path) -> None:
-    """Each embedded batch is stored at once (no whole document held until the end), out of
-    search until the last one is in; a failure half way deletes the stored batches."""
-    calls = 0
-    second = asyncio.Event()
-    release = asyncio.Event()
-    fail = False
+class SecondBatchGate:
+    """An embedder that holds its second call until `release` is set (the first batch is
+    stored by then), and fails its call number `fail_at`."""
 
-    async def gated_embed(texts: list[str]) -> np.ndarray:
-        nonlocal calls
-        calls += 1
-        if calls == 2:
-            second.set()
-            await release.wait()
-        if fail and calls == 3:
+    def __init__(self) -> None:
+        self.calls = 0
+        self.fail_at = 0
+        self.reached = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def __call__(self, texts: list[str]) -> np.ndarray:
+        self.calls += 1
+        if self.calls == 2:
+            self.reached.set()
+            await self.release.wait()
+        if self.calls == self.fail_at:
             raise RuntimeError("embedding service answered 503")
         return await fake_embed(texts)
 
+
+def test_batches_are_stored_as_embedded_but_searchable_only_when_done(data_dir: Path) -> None:
+    """Each embedded batch is stored at once (no whole document held until the end), out of
+    search until the last one is in; a failure half way deletes the stored batches."""
+    gate = SecondBatchGate()
+
     async def body(h: Harness) -> None:
-        nonlocal calls, fail
         upload = await h.ingestor.add(h.kb_id, "manual.md", MANUAL)
-        await second.wait()  # the first batch is embedded and stored, the second is waiting
+        await gate.reached.wait()  # the first batch is embedded and stored, the second waits
         assert await h.num_chunks(upload.document_id) == 2
         document = await h.document(upload.document_id)
         assert document.status is DocumentStatus.PROCESSING and document.num_chunks == 0
         assert len((await h.cache.get(h.kb_id)).passages) == 0  # not searchable yet
-        release.set()
+        gate.release.set()
         await h.ingestor.wait(upload.document_id)
         document = await h.document(upload.document_id)
         assert document.status is DocumentStatus.DONE
         assert document.num_chunks == await h.num_chunks(upload.document_id) > 4
         assert len((await h.cache.get(h.kb_id)).passages) == document.num_chunks
 
-        calls, fail = 0, True  # the same again, failing at the third batch
-        second.clear()
+        gate.calls, gate.fail_at = 0, 3  # the same again, failing at the third batch
         assert await h.ingestor.reindex(upload.document_id)
         await h.ingestor.wait(upload.document_id)
         document = await h.document(upload.document_id)
@@ -428,34 +433,24 @@ def test_batches_are_stored_as_embedded_but_searchable_only_when_done(data_dir: 
         assert len((await h.cache.get(h.kb_id)).passages) == 0
         assert not list(h.blobs.root.glob(".chunks-*"))  # the spool files are gone
 
-    run(data_dir, body, embed=gated_embed, embed_batch_size=2)
+    run(data_dir, body, embed=gate, embed_batch_size=2)
 
 
 def test_a_cancel_between_batches_deletes_the_stored_ones(data_dir: Path) -> None:
-    second = asyncio.Event()
-    release = asyncio.Event()
-    calls = 0
-
-    async def gated_embed(texts: list[str]) -> np.ndarray:
-        nonlocal calls
-        calls += 1
-        if calls == 2:
-            second.set()
-            await release.wait()
-        return await fake_embed(texts)
+    gate = SecondBatchGate()
 
     async def body(h: Harness) -> None:
         upload = await h.ingestor.add(h.kb_id, "manual.md", MANUAL)
-        await second.wait()
+        await gate.reached.wait()
         assert await h.num_chunks(upload.document_id) == 2
         async with h.sessions() as session:  # a cancel seen at the next batch's write
             await store.set_status(session, upload.document_id, DocumentStatus.CANCELLED)
-        release.set()
+        gate.release.set()
         await h.ingestor.wait(upload.document_id)
         assert (await h.document(upload.document_id)).status is DocumentStatus.CANCELLED
         assert await h.num_chunks() == 0
 
-    run(data_dir, body, embed=gated_embed, embed_batch_size=2)
+    run(data_dir, body, embed=gate, embed_batch_size=2)
 
 
 def _scheduling_policy() -> int:

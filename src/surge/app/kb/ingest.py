@@ -337,7 +337,7 @@ class Ingestor:
                 raise ValueError("no text found in the file (a scanned PDF holds only images)")
             await self._progress(document_id, PREPARED_PROGRESS)
             embed = self._embed_for(kb.embedding_model) if self._embed_for else self._embed
-            if not await self._embed_and_store(document_id, spool, num_chunks, embed):
+            if not await self._embed_and_store(document_id, kb.id, spool, num_chunks, embed):
                 await self._abandon(document_id, None)  # cancelled or deleted meanwhile
                 return
         finally:
@@ -350,7 +350,7 @@ class Ingestor:
             await store.finish_document(session, document_id)
 
     async def _embed_and_store(
-        self, document_id: int, spool: Path, num_chunks: int, embed: EmbedFn
+        self, document_id: int, kb_id: int, spool: Path, num_chunks: int, embed: EmbedFn
     ) -> bool:
         """Embed and store the spooled batches one at a time, with progress; False if the
         document left PROCESSING meanwhile."""
@@ -369,7 +369,7 @@ class Ingestor:
                 progress = PREPARED_PROGRESS + (0.99 - PREPARED_PROGRESS) * done / num_chunks
                 async with self._sessions() as session:
                     if not await store.add_chunks(
-                        session, document_id, batch, vectors, round(progress, 4)
+                        session, document_id, kb_id, batch, vectors, round(progress, 4)
                     ):
                         return False
         return True

@@ -310,6 +310,7 @@ class NewChunk(NamedTuple):
 async def add_chunks(
     session: AsyncSession,
     document_id: int,
+    kb_id: int,
     chunks: Sequence[NewChunk],
     embeddings: np.ndarray,
     progress: float,
@@ -325,7 +326,6 @@ async def add_chunks(
     if moved.rowcount != 1:  # type: ignore[attr-defined]
         await session.rollback()
         return False
-    kb_id = await session.scalar(select(Document.kb_id).where(Document.id == document_id))
     vectors = np.ascontiguousarray(embeddings, dtype=np.float32)
     rows = [
         {
