@@ -71,7 +71,7 @@ def test_the_fused_path_lists_every_prefill_row_for_the_decode_kernel() -> None:
         [1, 4, 3], [9, 20, 50], tables, BLOCK, rows_by_decode_kernel=True
     )
     assert meta.num_decodes == 1 and meta.prefill_query_starts == []  # no SDPA at all
-    assert meta.prefill_rows_from == 1  # rows 1-7: every token after the decode
+    assert meta.prefill_rows is not None and meta.prefill_rows.tolist() == [1, 2, 3, 4, 5, 6, 7]
     assert meta.prefill_row_context_lens is not None
     assert meta.prefill_row_context_lens.tolist() == [17, 18, 19, 20, 48, 49, 50]
     assert meta.prefill_row_block_tables is not None

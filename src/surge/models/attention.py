@@ -36,7 +36,7 @@ class AttentionMetadata:
     decode_slots: torch.Tensor | None  # [num_decodes, max_decode_len] int64 (padding -> slot 0)
     decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_decode_len] bool, True = attend
     # prefills (and chunks) for SDPA, one entry per sequence after the decodes (none when the
-    # decode kernel takes every prefill row: prefill_rows_from)
+    # decode kernel takes every prefill row: prefill_rows)
     prefill_query_starts: list[int]  # token offset of each sequence in the flat batch
     prefill_query_lens: list[int]
     prefill_context_lens: list[int]  # tokens in context after this step (cached + new)
@@ -47,7 +47,7 @@ class AttentionMetadata:
     # never on how its prompt was chunked or batched, or on whether its token was generated
     # before (recomputed after a preemption, resumed on another replica). On this CPU it was
     # also 1.5-3x faster than torch's SDPA per sequence, from 64-token bursts to 4k prompts.
-    prefill_rows_from: int | None = None  # the first prefill row; they run to the last token
+    prefill_rows: torch.Tensor | None = None  # [R] int64 flat token indices
     prefill_row_block_tables: torch.Tensor | None = None  # [R, max_blocks] int32 (padding -> 0)
     prefill_row_context_lens: torch.Tensor | None = None  # [R] int32: each row's position + 1
 
@@ -64,7 +64,7 @@ def build_attention_metadata(
     """Build the step's metadata; decodes (query_len == 1) should come first.
 
     decode_gather=False skips the padded slot gather that only the torch decode path reads.
-    rows_by_decode_kernel: every prefill row is listed for the decode kernel (prefill_rows_from), and
+    rows_by_decode_kernel: every prefill row is listed for the decode kernel (prefill_rows), and
     none for SDPA (the fused path; see AttentionMetadata).
 
     context_lens[i] counts the sequence's tokens after this step (already cached + new), so the
@@ -125,12 +125,12 @@ def build_attention_metadata(
                 else torch.ones(q, ctx, dtype=torch.bool, device=device).tril(ctx - q)
             )
         offset += q
-    rows_from = row_tables = row_lens = None
+    rows = row_tables = row_lens = None
     if row_seq:
         tables = block_tables[num_decodes:]
         width = max(len(t) for t in tables)
         seq_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
-        rows_from = num_decodes
+        rows = torch.arange(num_decodes, offset, dtype=torch.int64, device=device)
         row_tables = seq_tables[torch.tensor(row_seq)].to(device)
         row_lens = (torch.cat(row_pos) + 1).to(device)
     return AttentionMetadata(
@@ -146,7 +146,7 @@ def build_attention_metadata(
         prefill_context_lens=p_ctx,
         prefill_slots=p_slots,
         prefill_masks=p_masks,
-        prefill_rows_from=rows_from,
+        prefill_rows=rows,
         prefill_row_block_tables=row_tables,
         prefill_row_context_lens=row_lens,
     )
@@ -240,7 +240,7 @@ def fused_paged_attention(
 
     Rotary and the cache write run in one kernel over every token, then the decode attention
     kernel straight from the blocks (no gather): the decodes in one call, and the prefill rows
-    the metadata lists (prefill_rows_from) in another; any other prefill gets the torch path's SDPA.
+    the metadata lists (prefill_rows) in another; any other prefill gets the torch path's SDPA.
     cos/sin: float32 [T, 1, rotary_dim // 2].
     """
     num_tokens = qkv.shape[0]
@@ -275,11 +275,12 @@ def fused_paged_attention(
         scale,
         out,
     )
-    if meta.prefill_rows_from is not None:  # contiguous rows: views, no gather or scatter
-        first = meta.prefill_rows_from
+    if meta.prefill_rows is not None:
+        rows = meta.prefill_rows
+        attended = torch.empty((rows.numel(), num_heads, head_dim), dtype=out.dtype)
         kernels.decode_attention(
-            out[first:],
-            q[first:],
+            attended,
+            q[rows],
             k_cache,
             v_cache,
             meta.prefill_row_block_tables,
@@ -287,6 +288,7 @@ def fused_paged_attention(
             meta.block_size,
             scale,
         )
+        out[rows] = attended
     return out.view(num_tokens, -1)
 
 
