@@ -119,9 +119,13 @@ class EngineHost:
         """The autoscaling signal: this core's running + waiting sequences."""
         return {WORK_METRIC: float(self.host.work())}
 
-    def counters(self) -> dict[str, int]:
-        """This host's sequences in flight and aborted so far (for tests and debugging)."""
-        return {"work": self.host.work(), "aborted": self.host.num_aborted}
+    def counters(self) -> dict[str, int | str]:
+        """This host's id, sequences in flight and aborted so far (for tests and debugging)."""
+        return {
+            "host": self.host.host_id,
+            "work": self.host.work(),
+            "aborted": self.host.num_aborted,
+        }
 
     def check_health(self) -> None:
         """Unhealthy once the core crashed too often here: Serve replaces this replica."""
