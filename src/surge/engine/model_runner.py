@@ -82,6 +82,10 @@ class ModelRunner:
         self.kv_caches = allocate_kv_caches(
             self.model, num_blocks, config.block_size, self.dtype, self.device
         )
+        why_not = self.model.prepare_decode_step(
+            kernels if self.uses_cpu_kernels else None, self.kv_caches
+        )
+        logger.info("decode steps: %s", "one C call" if why_not is None else f"Python ({why_not})")
         max_model_len = min(config.max_model_len or files.max_model_len, files.max_model_len)
         self.limits = EngineLimits(
             num_kv_blocks=num_blocks,

@@ -1,5 +1,5 @@
-"""Fused CPU kernels, compiled from `cpu_kernels.cpp` and `quant_kernels.cpp` on first use, called
-through ctypes.
+"""Fused CPU kernels, compiled from `cpu_kernels.cpp`, `quant_kernels.cpp` and `decode_step.cpp`
+(a whole decode step in one call) on first use, called through ctypes.
 
 The source is plain C++ (no torch headers), so a build takes seconds; the shared library is
 cached under ~/.cache/surge/kernels ($SURGE_KERNEL_CACHE), keyed by the source, the compiler and
@@ -31,12 +31,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from surge.kernels import decode_step
+
 if TYPE_CHECKING:
     from surge.models.quant import QuantizedTensor
 
 logger = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name(n) for n in ("cpu_kernels.cpp", "quant_kernels.cpp"))
+SOURCES = tuple(
+    Path(__file__).with_name(n) for n in ("cpu_kernels.cpp", "quant_kernels.cpp", "decode_step.cpp")
+)
 HEADERS = (Path(__file__).with_name("common.h"),)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 SUPPORTED_DTYPES = {torch.bfloat16: "bf16", torch.float32: "f32"}
@@ -111,6 +115,9 @@ class CpuKernels:
         self._qdequant_rows.argtypes = [_P, _P, _P, _I, _I, ctypes.c_int]
         self._qdequant_rows.restype = None
         self.qlinear_vnni = bool(lib.surge_qlinear_vnni())
+        self.decode_step_fn = lib.surge_decode_step  # see decode_step.py
+        self.decode_step_fn.argtypes = decode_step.SIGNATURE
+        self.decode_step_fn.restype = None
         self.linear_isa = linear_isa
         if linear_isa == AMX_BF16:
             if not lib.surge_linear_amx_supported():
@@ -238,6 +245,11 @@ class CpuKernels:
         self._pack_linear(packed.data_ptr(), weight.data_ptr(), n, k)
         return packed
 
+    def linear_uses_amx(self, in_features: int) -> bool:
+        """Whether `linear` runs a layer of this K on AMX: decided per layer (its K), never per
+        batch, since the two kernels round differently."""
+        return self.linear_isa == AMX_BF16 and in_features % AMX_DEPTH == 0
+
     def linear(
         self,
         x: torch.Tensor,
@@ -253,9 +265,7 @@ class CpuKernels:
         rows = _bf16_rows(x, "bf16 linear")
         k = rows.shape[1]
         out = torch.empty((rows.shape[0], out_features), dtype=out_dtype)
-        # per layer (its K), never per batch: the two round differently
-        amx = self.linear_isa == AMX_BF16 and k % AMX_DEPTH == 0
-        (self._linear_amx if amx else self._linear)(
+        (self._linear_amx if self.linear_uses_amx(k) else self._linear)(
             out.data_ptr(),
             rows.data_ptr(),
             packed.data_ptr(),

@@ -18,6 +18,14 @@ from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from surge.kernels.decode_step import (
+    MAX_SEGMENTS,
+    PACKED_AMX,
+    PACKED_AVX512,
+    QUANTIZED,
+    SurgeLinear,
+    linear_struct,
+)
 from surge.models.quant import QuantizedTensor
 
 if TYPE_CHECKING:
@@ -182,6 +190,25 @@ class Linear(nn.Linear):
                 x, self.kernel_weight, self.out_features, self.bias, out_dtype=torch.float32
             )
         return self(x).float()
+
+    def decode_struct(self) -> SurgeLinear | None:
+        """This linear as the C decode step reads it; None where it runs on oneDNN or torch."""
+        if self.kernels is None:
+            return None
+        if self.quant_segments is not None:
+            segments = [(first, w.shape[0], w.qtype, w.data) for first, w in self.quant_segments]
+            if len(segments) > MAX_SEGMENTS:
+                return None
+            return linear_struct(
+                QUANTIZED, self.in_features, self.out_features, self.bias, segments=segments
+            )
+        if self.kernel_weight is None:
+            return None
+        amx = self.kernels.linear_uses_amx(self.in_features)
+        kind = PACKED_AMX if amx else PACKED_AVX512
+        return linear_struct(
+            kind, self.in_features, self.out_features, self.bias, weight=self.kernel_weight
+        )
 
     def load_quantized(self, weight: QuantizedTensor, first_column: int = 0) -> None:
         """Take a quantized matrix as output columns [first_column, + its rows) of the weight."""

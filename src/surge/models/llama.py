@@ -7,6 +7,7 @@ one decoder stack serves them all. Module names match HF's so checkpoints load b
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
+from surge.kernels.decode_step import DecodeShape, DecodeStep, SurgeLayer
 from surge.models.attention import AttentionMetadata, fused_paged_attention, paged_attention
 from surge.models.layers import (
     Embedding,
@@ -185,11 +187,14 @@ class DecoderModel(nn.Module):
         positions: torch.Tensor,
         kv_caches: list[KVCache],
         meta: AttentionMetadata,
+        decode_step: DecodeStep | None = None,
     ) -> torch.Tensor:
         x = self.embed_tokens.forward(input_ids)
         # once per step, not per layer; the kernels rotate in float32
         rope_dtype = torch.float32 if self.layers[0].self_attn.kernels is not None else x.dtype
         cos, sin = self.rotary_emb.cos_sin(positions, rope_dtype)
+        if decode_step is not None and meta.num_decodes == x.shape[0]:
+            return decode_step(x, cos, sin, meta)  # every layer in one C call, same bits
         residual = None
         # submodules' .forward directly, here and in the layers: nn.Module.__call__'s hook
         # handling costs microseconds a call, ~270 calls a step, and surge registers no hooks
@@ -220,6 +225,8 @@ class LlamaForCausalLM(nn.Module):
             else Linear(hf_config.hidden_size, hf_config.vocab_size, bias=False)
         )
         self.requires_grad_(False)
+        self.decode_step: DecodeStep | None = None  # prepare_decode_step
+        self._decode_step_caches: list[KVCache] | None = None
 
     @classmethod
     def options(cls, hf_config: PretrainedConfig) -> DecoderOptions:
@@ -247,7 +254,78 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         """Hidden states [T, hidden] of the flat batch; writes the new K/V into kv_caches."""
-        return self.model.forward(input_ids, positions, kv_caches, meta)
+        step = self.decode_step if kv_caches is self._decode_step_caches else None
+        return self.model.forward(input_ids, positions, kv_caches, meta, step)
+
+    def prepare_decode_step(
+        self, kernels: CpuKernels | None, kv_caches: list[KVCache]
+    ) -> str | None:
+        """Run decode-only steps over these caches in one C call (surge/kernels/decode_step.cpp)
+        where every part of the model fits it; None if so, else why not. SURGE_DECODE_STEP=0
+        keeps the Python path (same results, for comparison)."""
+        self.decode_step, self._decode_step_caches = None, None
+        why_not = self._decode_step_unfit(kernels)
+        if why_not is not None:
+            return why_not
+        assert kernels is not None
+        decoder = self.model
+        attn = decoder.layers[0].self_attn
+        layers, keep = [], [kv_caches]
+        for layer, (k_cache, v_cache) in zip(decoder.layers, kv_caches, strict=True):
+            linears = (
+                layer.self_attn.qkv_proj,
+                layer.self_attn.o_proj,
+                layer.mlp.gate_up_proj,
+                layer.mlp.down_proj,
+            )
+            structs = [linear.decode_struct() for linear in linears]
+            if any(s is None for s in structs):
+                return "a linear runs on oneDNN or torch"
+            keep.append(layer)
+            layers.append(
+                SurgeLayer(
+                    layer.input_layernorm.weight.data_ptr(),
+                    layer.post_attention_layernorm.weight.data_ptr(),
+                    *structs,
+                    k_cache.data_ptr(),
+                    v_cache.data_ptr(),
+                )
+            )
+        shape = DecodeShape(
+            hidden=self.hf_config.hidden_size,
+            intermediate=self.hf_config.intermediate_size,
+            num_heads=attn.num_heads,
+            num_kv_heads=attn.num_kv_heads,
+            head_dim=attn.head_dim,
+            rotary_dim=decoder.rotary_emb.rotary_dim,
+            interleaved=attn.interleaved,
+            eps=decoder.norm.eps,
+            scale=attn.scale,
+        )
+        self.decode_step = DecodeStep(
+            kernels.decode_step_fn, shape, layers, decoder.norm.weight, keep
+        )
+        self._decode_step_caches = kv_caches
+        return None
+
+    def _decode_step_unfit(self, kernels: CpuKernels | None) -> str | None:
+        """Why the C decode step can't run this model, or None."""
+        if os.environ.get("SURGE_DECODE_STEP", "1") == "0":
+            return "SURGE_DECODE_STEP=0"
+        decoder = self.model
+        layer = decoder.layers[0]
+        if kernels is None or layer.self_attn.kernels is None:
+            return "CPU kernels off"
+        if decoder.norm.weight.dtype != torch.bfloat16:
+            return f"{decoder.norm.weight.dtype} weights (bf16 only)"
+        if layer.self_attn.q_norm is not None or layer.post_self_attn_layernorm is not None:
+            return "q/k norms or sandwich norms"
+        if not layer.mlp.is_silu:
+            return "an activation other than SiLU"
+        eps = {m.eps for m in self.modules() if isinstance(m, RMSNorm)}
+        if len(eps) != 1:
+            return "norms with different eps"
+        return None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Float32 logits [N, vocab] for the selected hidden states."""
