@@ -174,34 +174,66 @@ struct QuantizedRows {
   std::vector<float> lane_scale;  // [m][k / 4]: scale16 spread to the 4 lanes of each 16
 };
 
+// One block of 32 values: codes, and the scale and scale * sum(codes) of each half of 16.
+template <class In>
+inline void quantize_block(const In* x, int8_t* codes, float* scale16, float* sum16,
+                           float* lane_scale) {
+  float v[32], amax = 0.0f;
+  for (int i = 0; i < 32; ++i) {
+    v[i] = load(x[i]);
+    amax = std::max(amax, std::fabs(v[i]));
+  }
+  const float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
+  int sums[2] = {0, 0};
+  for (int i = 0; i < 32; ++i) {
+    const int code = int(std::nearbyint(v[i] * inv));
+    codes[i] = int8_t(code);
+    sums[i / 16] += code;
+  }
+  for (int h = 0; h < 2; ++h) {
+    scale16[h] = d;
+    sum16[h] = d * float(sums[h]);
+  }
+  for (int i = 0; i < 8; ++i) lane_scale[i] = d;
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && !defined(SURGE_GENERIC)
+// The same in registers, bit for bit: max is exact in any order, the products and the division
+// are the scalar ones, and vcvtps2dq rounds to nearest even like nearbyint (the default MXCSR).
+template <>
+inline void quantize_block<bf16>(const bf16* x, int8_t* codes, float* scale16, float* sum16,
+                                 float* lane_scale) {
+  const auto widen = [](const bf16* p) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  };
+  const __m512 v0 = widen(x), v1 = widen(x + 16);
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+  const float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
+  const __m512i c0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(inv)));
+  const __m512i c1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(inv)));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(codes), _mm512_cvtepi32_epi8(c0));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + 16), _mm512_cvtepi32_epi8(c1));
+  scale16[0] = scale16[1] = d;
+  sum16[0] = d * float(_mm512_reduce_add_epi32(c0));
+  sum16[1] = d * float(_mm512_reduce_add_epi32(c1));
+  _mm256_storeu_ps(lane_scale, _mm256_set1_ps(d));
+}
+#endif
+
 template <class In>
 void quantize_rows(QuantizedRows& q, const In* x, int64_t m, int64_t k, int64_t x_stride) {
+  // resize keeps the capacity of earlier calls (q is reused per thread): no allocation a call
   q.codes.resize(m * k);
   q.scale16.resize(m * k / 16);
   q.sum16.resize(m * k / 16);
   q.lane_scale.resize(m * k / 4);
 #pragma omp parallel for schedule(static) if (m * k >= (int64_t(1) << 16))
   for (int64_t r = 0; r < m; ++r) {
-    const In* xr = x + r * x_stride;
-    for (int64_t b = 0; b < k / 32; ++b) {
-      float v[32], amax = 0.0f;
-      for (int i = 0; i < 32; ++i) {
-        v[i] = load(xr[32 * b + i]);
-        amax = std::max(amax, std::fabs(v[i]));
-      }
-      const float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
-      int sums[2] = {0, 0};
-      for (int i = 0; i < 32; ++i) {
-        const int code = int(std::nearbyint(v[i] * inv));
-        q.codes[r * k + 32 * b + i] = int8_t(code);
-        sums[i / 16] += code;
-      }
-      for (int h = 0; h < 2; ++h) {
-        q.scale16[r * k / 16 + 2 * b + h] = d;
-        q.sum16[r * k / 16 + 2 * b + h] = d * float(sums[h]);
-      }
-      for (int i = 0; i < 8; ++i) q.lane_scale[r * k / 4 + 8 * b + i] = d;
-    }
+    for (int64_t b = 0; b < k / 32; ++b)
+      quantize_block(x + r * x_stride + 32 * b, &q.codes[r * k + 32 * b],
+                     &q.scale16[r * k / 16 + 2 * b], &q.sum16[r * k / 16 + 2 * b],
+                     &q.lane_scale[r * k / 4 + 8 * b]);
   }
 }
 
@@ -209,7 +241,10 @@ void quantize_rows(QuantizedRows& q, const In* x, int64_t m, int64_t k, int64_t 
     !defined(SURGE_GENERIC)
 #define SURGE_QLINEAR_VNNI 1
 constexpr int kQRows = 8;  // x rows sharing one decode of a weight chunk
-constexpr int64_t kPrefetchAhead = 4;  // rows
+#ifndef SURGE_PREFETCH_BYTES
+#define SURGE_PREFETCH_BYTES 8192
+#endif
+constexpr int64_t kPrefetchBytes = SURGE_PREFETCH_BYTES;  // how far ahead to ask for weights
 
 inline __m512i nibbles_lo_hi(__m256i packed) {  // 32 bytes -> [low nibbles | high nibbles]
   const __m256i mask = _mm256_set1_epi8(0x0F);
@@ -335,18 +370,19 @@ void qlinear_vnni(Out* out, int64_t out_stride, const QuantizedRows& x, int64_t 
                   const uint8_t* w, int64_t n, int64_t k, const bf16* bias) {
   const int64_t row_bytes = k / format_of(qtype).block_elems * format_of(qtype).block_bytes;
   const int64_t block_rows = std::max<int64_t>(kQRows, (int64_t(1) << 18) / (2 * k));
+  const int64_t ahead = std::max<int64_t>(1, kPrefetchBytes / row_bytes);  // rows
 #pragma omp parallel
   for (int64_t b0 = 0; b0 < m; b0 += block_rows) {
     const int64_t b1 = std::min(m, b0 + block_rows);
 #pragma omp for schedule(static) nowait
     for (int64_t col = 0; col < n; ++col) {
       const uint8_t* row = w + col * row_bytes;
-      // a row is a few hundred bytes: ask for the one kPrefetchAhead on, or each row's first
-      // loads wait on memory (the out-of-order window doesn't reach that far)
-      if (b0 == 0 && col + kPrefetchAhead < n)
+      // ask for the weights kPrefetchBytes ahead, a line per line used: one thread streaming on
+      // its own keeps far fewer loads in flight than the memory needs to deliver its bandwidth
+      // (on one Xeon, 4 rows ahead ran at half the speed of 8 KiB ahead, BENCHMARKS.md)
+      if (b0 == 0 && col + ahead < n)
         for (int64_t l = 0; l < row_bytes; l += 64)
-          _mm_prefetch(reinterpret_cast<const char*>(row + kPrefetchAhead * row_bytes + l),
-                       _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(row + ahead * row_bytes + l), _MM_HINT_T0);
       const float b = bias == nullptr ? 0.0f : load(bias[col]);
       for (int64_t r0 = b0; r0 < b1; r0 += kQRows) {
         Out* o = out + col;
@@ -448,7 +484,7 @@ extern "C" void surge_qlinear(void* out, int64_t out_stride, const void* x, int6
   const auto* wb = static_cast<const uint8_t*>(w);
   const auto* bb = static_cast<const bf16*>(bias);
 #if SURGE_QLINEAR_VNNI
-  QuantizedRows q;
+  thread_local QuantizedRows q;  // kept between calls: a decode step makes hundreds
   quantize_rows(q, xb, m, k, x_stride);
   if (out_f32) {
     qlinear_dispatch(static_cast<float*>(out), out_stride, q, m, wb, n, k, qtype, bb);
