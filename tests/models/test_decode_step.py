@@ -9,7 +9,7 @@ import torch
 
 from surge import LLM, SamplingParams
 from surge.engine.model_runner import ModelRunner
-from surge.kernels import load_cpu_kernels
+from surge.kernels import AVX512_BF16, load_cpu_kernels
 from surge.models.attention import build_attention_metadata
 from tests.tiny_models import make_tiny_model_dir
 
@@ -18,14 +18,16 @@ pytestmark = pytest.mark.skipif(
     reason="the C decode step needs the CPU kernels with the bf16 linear (AVX-512 BF16)",
 )
 
-# (architecture, --quantization, config overrides): packed bf16 linears, q/k/v biases, GLM's
-# interleaved partial rotary, and quantized weights (int8 as Q8_0, int4 as Q4_1)
+# (architecture, --quantization, config overrides, SURGE_CPU_LINEAR): packed bf16 linears on the
+# CPU's choice (AMX where it has it) and on AVX-512 BF16 (the choice of a CPU without AMX), q/k/v
+# biases, GLM's interleaved partial rotary, and quantized weights (int8 as Q8_0, int4 as Q4_1)
 CASES = [
-    ("llama", "none", {}),
-    ("qwen2", "none", {}),
-    ("glm", "none", {"head_dim": 16, "partial_rotary_factor": 0.5, "pad_token_id": 0}),
-    ("llama", "int8", {}),
-    ("llama", "int4", {}),
+    ("llama", "none", {}, "auto"),
+    ("llama", "none", {}, "avx512"),
+    ("qwen2", "none", {}, "avx512"),
+    ("glm", "none", {"head_dim": 16, "partial_rotary_factor": 0.5, "pad_token_id": 0}, "auto"),
+    ("llama", "int8", {}, "auto"),
+    ("llama", "int4", {}, "auto"),
 ]
 
 
@@ -50,12 +52,23 @@ def _prefill(runner: ModelRunner, prompts: list[list[int]]) -> list[list[int]]:
     return tables
 
 
-@pytest.mark.parametrize(("arch", "quantization", "overrides"), CASES)
+@pytest.mark.parametrize(("arch", "quantization", "overrides", "linear"), CASES)
 def test_a_decode_step_in_c_equals_the_python_layers(
-    tmp_path: Path, arch: str, quantization: str, overrides: dict
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+    arch: str,
+    quantization: str,
+    overrides: dict,
+    linear: str,
 ):
+    monkeypatch.setenv("SURGE_CPU_LINEAR", linear)
+    load_cpu_kernels.cache_clear()  # one library object per process: choose again, then forget
+    request.addfinalizer(load_cpu_kernels.cache_clear)
     runner = _runner(tmp_path, arch, quantization, overrides).engine.core.runner
     model = runner.model
+    if linear == "avx512":
+        assert model.model.layers[0].self_attn.o_proj.kernels.linear_isa == AVX512_BF16
     assert model.decode_step is not None, "the model should take the C decode step"
     prompts = [list(range(3, 3 + n)) for n in (5, 17, 40)]  # contexts of 1, 2 and 3 blocks
     with torch.inference_mode():
