@@ -20,8 +20,12 @@ from surge.models.quant import KERNEL_QTYPES, QuantizedTensor
 
 HIDDEN, INTERMEDIATE, LAYERS, VOCAB = 576, 1536, 30, 49152
 Q4_1, Q8_0 = 3, 8
-SHAPES = (("qkv", 960, HIDDEN), ("o", HIDDEN, HIDDEN), ("gate_up", 2 * INTERMEDIATE, HIDDEN),
-          ("down", HIDDEN, INTERMEDIATE))
+SHAPES = (
+    ("qkv", 960, HIDDEN),
+    ("o", HIDDEN, HIDDEN),
+    ("gate_up", 2 * INTERMEDIATE, HIDDEN),
+    ("down", HIDDEN, INTERMEDIATE),
+)
 
 
 def random_quantized(qtype: int, rows: int, cols: int, rng: np.random.Generator) -> QuantizedTensor:
@@ -43,8 +47,9 @@ def main() -> None:
     kernels = load_cpu_kernels()
     assert kernels is not None, "the CPU kernels did not build"
     rng = np.random.default_rng(0)
-    layers = [[(name, random_quantized(Q4_1, n, k, rng)) for name, n, k in SHAPES]
-              for _ in range(LAYERS)]
+    layers = [
+        [(name, random_quantized(Q4_1, n, k, rng)) for name, n, k in SHAPES] for _ in range(LAYERS)
+    ]
     head = random_quantized(Q8_0, VOCAB, HIDDEN, rng)
     xs = {k: torch.randn(args.rows, k).to(torch.bfloat16) for k in (HIDDEN, INTERMEDIATE)}
     nbytes = sum(w.data.numel() for layer in layers for _, w in layer) + head.data.numel()
@@ -67,8 +72,10 @@ def main() -> None:
     runs = [one_token() for _ in range(args.reps)]
     total = statistics.median(r[0] for r in runs)
     print(describe_cpu(cpu_info()))
-    print(f"rows {args.rows}, threads {args.threads}: {total * 1e3:.2f} ms a token pass "
-          f"(median of {args.reps}), {nbytes / total / 1e9:.1f} GB/s of weights")
+    print(
+        f"rows {args.rows}, threads {args.threads}: {total * 1e3:.2f} ms a token pass "
+        f"(median of {args.reps}), {nbytes / total / 1e9:.1f} GB/s of weights"
+    )
     for name in runs[0][1]:
         print(f"  {name:8s} {statistics.median(r[1][name] for r in runs) * 1e3:.2f} ms")
 
