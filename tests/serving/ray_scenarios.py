@@ -39,8 +39,9 @@ TOO_LONG = " ".join(["hello"] * 2 * TINY_MAX_SEQ_LENGTH)
 LONG = 300  # tokens: streams that stay open while the cluster changes under them
 CONTEXT = 32768
 # far more than the host makes before the client's disconnect reaches it (through Serve's proxy
-# and the ingress): 8000 once ran to its end first, a few seconds for the tiny model
+# and the ingress), so a sequence that ends without an abort is one whose cancel was lost
 DISCONNECT_TOKENS = 32000
+DISCONNECT_TRIES = 3  # see disconnects()
 # Scenario steps wait for the cluster, never for a fixed time; this only bounds a broken run.
 PATIENCE_S = 240.0
 
@@ -141,15 +142,7 @@ async def scenarios(base: str, results: dict[str, Any]) -> None:
         results["stream"] = {**streamed, "plain": await answer(client, "hello ray", 24)}
 
         # 2. a client that goes away mid-stream: its sequence is aborted on the remote host
-        async with client.stream(
-            "POST", "/v1/chat/completions", json=body("go away", DISCONNECT_TOKENS, True)
-        ) as r:
-            async for line in r.aiter_lines():
-                if line.startswith("data: {") and '"content"' in line:
-                    break
-        await wait_for("the abort on the host", lambda: idle())
-        counters = await host_counters()
-        results["disconnect_idle"] = {k: counters[k] for k in ("work", "aborted")}
+        results["disconnect"] = await disconnects(client)
 
         # 3. load: the autoscaler adds a replica (target_work 2 per replica, 6 clients that
         # stream long answers one after another until told to stop)
@@ -207,6 +200,28 @@ async def scenarios(base: str, results: dict[str, Any]) -> None:
         results["failovers_metric"] = [
             line for line in metrics.splitlines() if line.startswith("surge:request_failovers")
         ]
+
+
+async def disconnects(client: httpx.AsyncClient) -> dict[str, Any]:
+    """Clients that leave mid-stream, until one's sequence is aborted on the host: each leaves
+    the host idle, and the aborts each one caused are listed. More than one try because Ray's
+    cancellation of a handle call is best effort (its docs; ray-project/ray#52533): in about
+    one run in seven here the cancel never reached the host, and the sequence ran to its end."""
+    aborts, counters = [], await host_counters()
+    for _ in range(DISCONNECT_TRIES):
+        before = counters["aborted"]
+        async with client.stream(
+            "POST", "/v1/chat/completions", json=body("go away", DISCONNECT_TOKENS, True)
+        ) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: {") and '"content"' in line:
+                    break
+        await wait_for("the abort on the host", lambda: idle())
+        counters = await host_counters()
+        aborts.append(counters["aborted"] - before)
+        if aborts[-1]:
+            break
+    return {"aborts": aborts, "work": counters["work"]}
 
 
 async def embeddings(client: httpx.AsyncClient, results: dict[str, Any]) -> None:
