@@ -123,6 +123,7 @@ class DecodeStep:
         shape: DecodeShape,
         layers: list[SurgeLayer],
         final_norm: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         keep: list[object],
     ) -> None:
         self._fn = fn
@@ -142,7 +143,8 @@ class DecodeStep:
             final_norm.data_ptr(),
         )
         self._decoder_ref = ctypes.byref(self._decoder)
-        self._keep = keep  # weights, norms, biases and KV caches: the structs' pointers
+        self.kv_caches = kv_caches  # the caches the layers' structs point into
+        self._keep = keep  # the modules whose weights, norms and biases the structs point into
         self.hidden = shape.hidden
 
     def __call__(

@@ -379,7 +379,7 @@ void qlinear_vnni(Out* out, int64_t out_stride, const QuantizedRows& x, int64_t 
       const uint8_t* row = w + col * row_bytes;
       // ask for the weights kPrefetchBytes ahead, a line per line used: one thread streaming on
       // its own keeps far fewer loads in flight than the memory needs to deliver its bandwidth
-      // (on one Xeon, 4 rows ahead ran at half the speed of 8 KiB ahead, BENCHMARKS.md)
+      // (the distance was chosen by measurement: BENCHMARKS.md)
       if (b0 == 0 && col + ahead < n)
         for (int64_t l = 0; l < row_bytes; l += 64)
           _mm_prefetch(reinterpret_cast<const char*>(row + ahead * row_bytes + l), _MM_HINT_T0);

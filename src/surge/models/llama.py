@@ -226,7 +226,6 @@ class LlamaForCausalLM(nn.Module):
         )
         self.requires_grad_(False)
         self.decode_step: DecodeStep | None = None  # prepare_decode_step
-        self._decode_step_caches: list[KVCache] | None = None
 
     @classmethod
     def options(cls, hf_config: PretrainedConfig) -> DecoderOptions:
@@ -254,7 +253,9 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         """Hidden states [T, hidden] of the flat batch; writes the new K/V into kv_caches."""
-        step = self.decode_step if kv_caches is self._decode_step_caches else None
+        step = self.decode_step
+        if step is not None and step.kv_caches is not kv_caches:
+            step = None  # built over other caches (the runner's); these take the Python layers
         return self.model.forward(input_ids, positions, kv_caches, meta, step)
 
     def prepare_decode_step(
@@ -263,14 +264,14 @@ class LlamaForCausalLM(nn.Module):
         """Run decode-only steps over these caches in one C call (surge/kernels/decode_step.cpp)
         where every part of the model fits it; None if so, else why not. SURGE_DECODE_STEP=0
         keeps the Python path (same results, for comparison)."""
-        self.decode_step, self._decode_step_caches = None, None
+        self.decode_step = None
         why_not = self._decode_step_unfit(kernels)
         if why_not is not None:
             return why_not
         assert kernels is not None
         decoder = self.model
         attn = decoder.layers[0].self_attn
-        layers, keep = [], [kv_caches]
+        layers, keep = [], []
         for layer, (k_cache, v_cache) in zip(decoder.layers, kv_caches, strict=True):
             linears = (
                 layer.self_attn.qkv_proj,
@@ -280,7 +281,7 @@ class LlamaForCausalLM(nn.Module):
             )
             structs = [linear.decode_struct() for linear in linears]
             if any(s is None for s in structs):
-                return "a linear runs on oneDNN or torch"
+                return "a linear on oneDNN or torch, or of over 4 quantized formats"
             keep.append(layer)
             layers.append(
                 SurgeLayer(
@@ -303,9 +304,8 @@ class LlamaForCausalLM(nn.Module):
             scale=attn.scale,
         )
         self.decode_step = DecodeStep(
-            kernels.decode_step_fn, shape, layers, decoder.norm.weight, keep
+            kernels.decode_step_fn, shape, layers, decoder.norm.weight, kv_caches, keep
         )
-        self._decode_step_caches = kv_caches
         return None
 
     def _decode_step_unfit(self, kernels: CpuKernels | None) -> str | None:
