@@ -13,7 +13,7 @@ import torch
 
 from surge import LLM, SamplingParams
 from surge.bench.perplexity import perplexity
-from surge.kernels import CpuKernels, build_library, find_compiler, load_cpu_kernels
+from surge.kernels import CpuKernels, build_library, cpu_flags, find_compiler, load_cpu_kernels
 from surge.models.layers import Linear
 from surge.models.quant import (
     KERNEL_QTYPES,
@@ -40,12 +40,21 @@ _SCALES = {
 }
 
 
-@pytest.fixture(scope="module", params=["native", "generic"])
+# the library as the engine loads it (AVX-512 VNNI where the CPU has it), built as for a CPU
+# without AVX-512 (the AVX2 path), and the portable one
+_BUILDS = {"native": (), "avx2": ("-mno-avx512f",), "generic": ("-DSURGE_GENERIC",)}
+
+
+@pytest.fixture(scope="module", params=list(_BUILDS))
 def kernels(request) -> CpuKernels:
-    """The library as the engine loads it (AVX-512 VNNI where the CPU has it) and the portable one."""
+    """The quantized linear's three builds: native, AVX2 (skipped without AVX2), portable."""
     if request.param == "native":
         return load_cpu_kernels()
-    return CpuKernels(ctypes.CDLL(str(build_library(find_compiler(), ("-DSURGE_GENERIC",)))))
+    if request.param == "avx2" and not {"avx2", "fma", "f16c"} <= cpu_flags():
+        pytest.skip("the CPU has no AVX2/FMA/F16C: the AVX2 path can't run here")
+    built = CpuKernels(ctypes.CDLL(str(build_library(find_compiler(), _BUILDS[request.param]))))
+    assert built.qlinear_isa == {"avx2": "avx2", "generic": "portable"}[request.param]
+    return built
 
 
 def random_quantized(qtype: int, rows: int, cols: int, seed: int = 0) -> QuantizedTensor:
@@ -75,10 +84,34 @@ def test_qlinear_matches_the_dequantized_reference(kernels, qtype, rows):
     got = kernels.qlinear(x, [(0, w)], 70, bias, out_dtype=torch.float32)
     # x is quantized to int8 per 32 values on the VNNI path (as llama.cpp does): ~1% of the
     # output's scale; the portable path multiplies by x as is
-    tol = 0.02 if kernels.qlinear_vnni else 1e-4
+    tol = 0.02 if kernels.qlinear_isa != "portable" else 1e-4
     assert (got - ref).abs().max() <= tol * ref.abs().max()
     rounded = kernels.qlinear(x, [(0, w)], 70, bias)
     assert rounded.dtype == torch.bfloat16 and torch.equal(rounded, got.bfloat16())
+
+
+def int8_x_reference(x: torch.Tensor, w: QuantizedTensor) -> torch.Tensor:
+    """x quantized as the integer paths do (int8 per 32 values, round half to even), in float64."""
+    v = x.double().view(x.shape[0], -1, 32)
+    d = (v.abs().amax(-1, keepdim=True).float() / 127.0).double()
+    inv = torch.where(d > 0, 1.0 / d.float().double(), torch.zeros_like(d)).float().double()
+    codes = torch.round((v.float() * inv.float()).double())  # torch.round: half to even
+    return (codes * d).view_as(x) @ w.dequantize().double().T
+
+
+@pytest.mark.parametrize("qtype", QTYPES, ids=[KERNEL_QTYPES[q][0] for q in QTYPES])
+def test_integer_paths_equal_the_int8_x_product(kernels, qtype):
+    # the error of the integer paths is all x's quantization: their sums are exact, so against
+    # the same quantized x they agree to float32 rounding (a wrong code, bit or sign is far off)
+    if kernels.qlinear_isa == "portable":
+        pytest.skip("the portable path multiplies by x as is (tested against the plain product)")
+    w = random_quantized(qtype, 48, 1024, seed=11)
+    x = torch.randn(6, 1024, generator=torch.Generator().manual_seed(4)).bfloat16()
+    x[0, :32] = 0  # a block of zeros: scale 0
+    x[1, 32:64] *= 50  # a block of large values: codes at +-127
+    ref = int8_x_reference(x, w)
+    got = kernels.qlinear(x, [(0, w)], 48, None, out_dtype=torch.float32).double()
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
 @pytest.mark.parametrize("qtype", QTYPES, ids=[KERNEL_QTYPES[q][0] for q in QTYPES])

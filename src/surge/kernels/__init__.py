@@ -49,6 +49,8 @@ AMX_DEPTH = 32  # the AMX linear takes K in steps of one tile's depth (kAmxDepth
 AMX_BF16 = "amx-bf16"
 AVX512_BF16 = "avx512-bf16"
 LINEAR_ISAS = (AMX_BF16, AVX512_BF16)
+# the quantized linear compiled in, by surge_qlinear_isa(): the first two quantize x to int8
+QLINEAR_ISAS = ("portable", "avx2", "avx512-vnni")
 _PROBE_FAILURES = {
     2: "Linux refused the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)",
     3: "the AMX linear gave wrong results",
@@ -114,7 +116,7 @@ class CpuKernels:
         self._qdequant_rows = lib.surge_qdequant_rows
         self._qdequant_rows.argtypes = [_P, _P, _P, _I, _I, ctypes.c_int]
         self._qdequant_rows.restype = None
-        self.qlinear_vnni = bool(lib.surge_qlinear_vnni())
+        self.qlinear_isa = QLINEAR_ISAS[lib.surge_qlinear_isa()]
         self.decode_step_fn = lib.surge_decode_step  # see decode_step.py
         self.decode_step_fn.argtypes = decode_step.SIGNATURE
         self.decode_step_fn.restype = None

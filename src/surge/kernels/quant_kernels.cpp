@@ -10,7 +10,8 @@
 // each 16 of them a scale and an offset (value = scale * code + offset), so one accumulation
 // loop serves all six. Each output element is its own sum over K in a fixed order, whatever the
 // batch: a row's result does not depend on the other rows (the rule the bf16 kernels keep).
-// Without AVX-512 VNNI a portable loop decodes each block to float and multiplies by x as is.
+// Without AVX-512 VNNI, AVX2 makes the same integer dot products from vpmaddubsw + vpmaddwd;
+// without AVX2 a portable loop decodes each block to float and multiplies by x as is.
 #include <omp.h>
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -237,14 +238,15 @@ void quantize_rows(QuantizedRows& q, const In* x, int64_t m, int64_t k, int64_t 
   }
 }
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
-    !defined(SURGE_GENERIC)
-#define SURGE_QLINEAR_VNNI 1
-constexpr int kQRows = 8;  // x rows sharing one decode of a weight chunk
 #ifndef SURGE_PREFETCH_BYTES
 #define SURGE_PREFETCH_BYTES 8192
 #endif
 constexpr int64_t kPrefetchBytes = SURGE_PREFETCH_BYTES;  // how far ahead to ask for weights
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
+    !defined(SURGE_GENERIC)
+#define SURGE_QLINEAR_VNNI 1
+constexpr int kQRows = 8;  // x rows sharing one decode of a weight chunk
 
 inline __m512i nibbles_lo_hi(__m256i packed) {  // 32 bytes -> [low nibbles | high nibbles]
   const __m256i mask = _mm256_set1_epi8(0x0F);
@@ -363,10 +365,159 @@ void qlinear_rows(Out* out, int64_t out_stride, const QuantizedRows& x, int64_t 
   }
 }
 
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(SURGE_GENERIC)
+// AVX2 (a CPU without AVX-512: AMD Zen 2/3, Intel client cores): the same x codes, the same
+// integer dot products 4 at a time, from vpmaddubsw (unsigned weight code x signed x code, pairs
+// summed to int16) and vpmaddwd (pairs of those to int32). The pair sums fit int16 for codes up
+// to 63 (63 * 127 * 2 < 32767); Q8_0's codes go to 255, so its weights are made signed again
+// (code - 128, the same value with no offset) and meet x through vpsignb, as llama.cpp does.
+#define SURGE_QLINEAR_AVX2 1
+constexpr int kQRows = 4;  // x rows sharing one decode of a weight chunk (16 ymm registers)
+
+inline void nibbles_lo_hi(__m256i packed, __m256i* lo, __m256i* hi) {
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  *lo = _mm256_and_si256(packed, mask);
+  *hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask);
+}
+
+// One chunk of 64 weights: codes of elements 0..31 and 32..63, per-lane scales of each half (a
+// lane of vpmaddwd's result sums 4 consecutive products: lanes 0-3 are one 16, lanes 4-7 the
+// next), and the offsets per 16. As chunk_codes of the AVX-512 path, format by format.
+struct Chunk {
+  __m256i w0, w1;
+  __m256 s0, s1;
+  __m128 off;
+};
+
+inline __m256 halves(float a, float b) {  // [a a a a b b b b]
+  return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(a)), _mm_set1_ps(b), 1);
+}
+
+template <int qtype>
+__attribute__((always_inline)) inline Chunk chunk_avx2(const uint8_t* row, int64_t c) {
+  Chunk ch;
+  if constexpr (qtype == kQ8_0) {
+    const uint8_t* b = row + c * 68;
+    int32_t d2;
+    std::memcpy(&d2, b, 4);
+    const __m128 d = _mm_cvtph_ps(_mm_cvtsi32_si128(d2));  // [d0 d1 . .]
+    ch.s0 = _mm256_set1_ps(_mm_cvtss_f32(d));
+    ch.s1 = _mm256_set1_ps(_mm_cvtss_f32(_mm_movehdup_ps(d)));
+    ch.off = _mm_setzero_ps();
+    const __m256i bias = _mm256_set1_epi8(char(0x80));
+    ch.w0 = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 4)), bias);
+    ch.w1 = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 36)), bias);
+  } else if constexpr (qtype == kQ4_0 || qtype == kQ4_1) {
+    const uint8_t* b = row + c * 40;
+    const __m128 v = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b)));
+    ch.s0 = _mm256_set1_ps(_mm_cvtss_f32(v));
+    ch.s1 = _mm256_set1_ps(_mm_cvtss_f32(_mm_movehdup_ps(v)));
+    ch.off = _mm_permute_ps(v, _MM_SHUFFLE(3, 3, 2, 2));  // [m0 m0 m1 m1]
+    nibbles_lo_hi(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 8)), &ch.w0, &ch.w1);
+  } else if constexpr (qtype == kQ4_K || qtype == kQ5_K) {
+    constexpr int64_t bytes = qtype == kQ4_K ? 144 : 176;
+    const uint8_t* b = row + (c / 4) * bytes;
+    const int j = int(c % 4);
+    int sc0, mn0, sc1, mn1;
+    scale_min_k4(2 * j, b + 4, &sc0, &mn0);
+    scale_min_k4(2 * j + 1, b + 4, &sc1, &mn1);
+    const float d = half_to_float(b), dmin = half_to_float(b + 2);
+    ch.s0 = _mm256_set1_ps(d * float(sc0));
+    ch.s1 = _mm256_set1_ps(d * float(sc1));
+    ch.off = _mm_setr_ps(-dmin * float(mn0), -dmin * float(mn0), -dmin * float(mn1),
+                         -dmin * float(mn1));
+    const uint8_t* qs = b + (qtype == kQ4_K ? 16 : 48) + 32 * j;
+    nibbles_lo_hi(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs)), &ch.w0, &ch.w1);
+    if constexpr (qtype == kQ5_K) {  // + 16 where the weight's high bit is set
+      const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16));
+      const __m256i sixteen = _mm256_set1_epi8(16), zero = _mm256_setzero_si256();
+      const __m256i b0 = _mm256_and_si256(qh, _mm256_set1_epi8(char(1 << (2 * j))));
+      const __m256i b1 = _mm256_and_si256(qh, _mm256_set1_epi8(char(1 << (2 * j + 1))));
+      ch.w0 = _mm256_add_epi8(ch.w0, _mm256_andnot_si256(_mm256_cmpeq_epi8(b0, zero), sixteen));
+      ch.w1 = _mm256_add_epi8(ch.w1, _mm256_andnot_si256(_mm256_cmpeq_epi8(b1, zero), sixteen));
+    }
+  } else {  // kQ6_K
+    const uint8_t* b = row + (c / 4) * 210;
+    const int half = int(c % 4) / 2, odd = int(c % 2);
+    int32_t sc4;
+    std::memcpy(&sc4, b + 192 + 8 * half + 4 * odd, 4);
+    const __m128 d = _mm_set1_ps(half_to_float(b + 208));
+    const __m128 s = _mm_mul_ps(d, _mm_cvtepi32_ps(_mm_cvtepi8_epi32(_mm_cvtsi32_si128(sc4))));
+    const __m256 s2 = _mm256_castps128_ps256(s);
+    ch.s0 = _mm256_permutevar8x32_ps(s2, _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+    ch.s1 = _mm256_permutevar8x32_ps(s2, _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3));
+    ch.off = _mm_mul_ps(s, _mm_set1_ps(-32.0f));
+    const __m256i ql0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 64 * half));
+    const __m256i ql1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 64 * half + 32));
+    const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * half));
+    const int shift = 4 * odd;
+    const __m128i sh = _mm_cvtsi32_si128(shift), sh2 = _mm_cvtsi32_si128(shift + 2);
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(3);
+    const __m256i h0 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(qh, sh), m2), 4);
+    const __m256i h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srl_epi16(qh, sh2), m2), 4);
+    ch.w0 = _mm256_or_si256(_mm256_and_si256(_mm256_srl_epi16(ql0, sh), m4), h0);
+    ch.w1 = _mm256_or_si256(_mm256_and_si256(_mm256_srl_epi16(ql1, sh), m4), h1);
+  }
+  return ch;
+}
+
+inline float hsum(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
+// R rows of x against one weight row (one output column): each chunk decoded once for the R.
+template <int qtype, int R, class Out>
+void qlinear_rows(Out* out, int64_t out_stride, const QuantizedRows& x, int64_t r0,
+                  const uint8_t* row, int64_t k, float bias) {
+  __m256 acc[R];
+  __m128 off[R];
+  for (int r = 0; r < R; ++r) {
+    acc[r] = _mm256_setzero_ps();
+    off[r] = _mm_setzero_ps();
+  }
+  const int8_t* codes_x = x.codes.data() + r0 * k;
+  const float* scale_x = x.lane_scale.data() + r0 * k / 4;
+  const float* sum_x = x.sum16.data() + r0 * k / 16;
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int64_t c = 0; c < k / 64; ++c) {
+    const Chunk ch = chunk_avx2<qtype>(row, c);
+    // Q8_0: |w| meets sign(x, w) (vpmaddubsw takes its first operand unsigned)
+    const __m256i u0 = qtype == kQ8_0 ? _mm256_sign_epi8(ch.w0, ch.w0) : ch.w0;
+    const __m256i u1 = qtype == kQ8_0 ? _mm256_sign_epi8(ch.w1, ch.w1) : ch.w1;
+    for (int r = 0; r < R; ++r) {
+      const int8_t* xc = codes_x + r * k + 64 * c;
+      __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc));
+      __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc + 32));
+      if constexpr (qtype == kQ8_0) {
+        x0 = _mm256_sign_epi8(x0, ch.w0);
+        x1 = _mm256_sign_epi8(x1, ch.w1);
+      }
+      const __m256i d0 = _mm256_madd_epi16(_mm256_maddubs_epi16(u0, x0), ones);
+      const __m256i d1 = _mm256_madd_epi16(_mm256_maddubs_epi16(u1, x1), ones);
+      const float* xs = scale_x + r * k / 4 + 16 * c;
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_mul_ps(ch.s0, _mm256_loadu_ps(xs)),
+                               acc[r]);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1),
+                               _mm256_mul_ps(ch.s1, _mm256_loadu_ps(xs + 8)), acc[r]);
+      off[r] = _mm_fmadd_ps(ch.off, _mm_loadu_ps(sum_x + r * k / 16 + 4 * c), off[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    alignas(16) float o[4];
+    _mm_store_ps(o, off[r]);
+    const float sum = hsum(acc[r]) + ((o[0] + o[1]) + (o[2] + o[3])) + bias;
+    out[(r0 + r) * out_stride] = store<Out>(sum);
+  }
+}
+#endif
+
+#if SURGE_QLINEAR_VNNI || SURGE_QLINEAR_AVX2
 // Rows in blocks that stay in L2 (their codes and scales), each block against every column
 // this thread owns (the same columns for every block: no barrier between blocks).
 template <int qtype, class Out>
-void qlinear_vnni(Out* out, int64_t out_stride, const QuantizedRows& x, int64_t m,
+void qlinear_blocks(Out* out, int64_t out_stride, const QuantizedRows& x, int64_t m,
                   const uint8_t* w, int64_t n, int64_t k, const bf16* bias) {
   const int64_t row_bytes = k / format_of(qtype).block_elems * format_of(qtype).block_bytes;
   const int64_t block_rows = std::max<int64_t>(kQRows, (int64_t(1) << 18) / (2 * k));
@@ -387,9 +538,9 @@ void qlinear_vnni(Out* out, int64_t out_stride, const QuantizedRows& x, int64_t 
       for (int64_t r0 = b0; r0 < b1; r0 += kQRows) {
         Out* o = out + col;
         switch (std::min<int64_t>(kQRows, b1 - r0)) {
-#define SURGE_QROWS_CASE(R)                                                  \
-  case R:                                                                    \
-    qlinear_rows<qtype, R>(o, out_stride, x, r0, row, k, b);                 \
+#define SURGE_QROWS_CASE(R)                                               \
+  case R:                                                                 \
+    if constexpr (R <= kQRows) qlinear_rows<qtype, R>(o, out_stride, x, r0, row, k, b); \
     break;
           SURGE_QROWS_CASE(1)
           SURGE_QROWS_CASE(2)
@@ -414,7 +565,7 @@ void qlinear_dispatch(Out* out, int64_t out_stride, const QuantizedRows& x, int6
   switch (qtype) {
 #define SURGE_QLINEAR_CASE(T)                                        \
   case T:                                                            \
-    qlinear_vnni<T>(out, out_stride, x, m, w, n, k, bias); \
+    qlinear_blocks<T>(out, out_stride, x, m, w, n, k, bias); \
     break;
     SURGE_QLINEAR_CASE(kQ8_0)
     SURGE_QLINEAR_CASE(kQ4_0)
@@ -465,9 +616,12 @@ extern "C" int64_t surge_qlinear_row_bytes(int qtype, int64_t k) {
   return k / f.block_elems * f.block_bytes;
 }
 
-// 1 where the AVX-512 VNNI path is compiled in; 0: the portable path runs.
-extern "C" int surge_qlinear_vnni() {
+// Which quantized linear is compiled in: 2 AVX-512 VNNI, 1 AVX2 (both quantize x to int8), 0 the
+// portable loop (x as is).
+extern "C" int surge_qlinear_isa() {
 #if SURGE_QLINEAR_VNNI
+  return 2;
+#elif SURGE_QLINEAR_AVX2
   return 1;
 #else
   return 0;
@@ -483,7 +637,7 @@ extern "C" void surge_qlinear(void* out, int64_t out_stride, const void* x, int6
   const auto* xb = static_cast<const bf16*>(x);
   const auto* wb = static_cast<const uint8_t*>(w);
   const auto* bb = static_cast<const bf16*>(bias);
-#if SURGE_QLINEAR_VNNI
+#if SURGE_QLINEAR_VNNI || SURGE_QLINEAR_AVX2
   thread_local QuantizedRows q;  // kept between calls: a decode step makes hundreds
   quantize_rows(q, xb, m, k, x_stride);
   if (out_f32) {
