@@ -13,27 +13,35 @@ from surge.kernels import AVX512_BF16, load_cpu_kernels
 from surge.models.attention import build_attention_metadata
 from tests.tiny_models import make_tiny_model_dir
 
-pytestmark = pytest.mark.skipif(
+pytestmark = pytest.mark.skipif(load_cpu_kernels() is None, reason="no C++ compiler")
+_NO_BF16_LINEAR = pytest.mark.skipif(
     load_cpu_kernels() is None or not load_cpu_kernels().has_linear,
-    reason="the C decode step needs the CPU kernels with the bf16 linear (AVX-512 BF16)",
+    reason="packed bf16 linears need AVX-512 BF16 (the CPU has none: they run on oneDNN)",
 )
 
-# (architecture, --quantization, config overrides, SURGE_CPU_LINEAR): packed bf16 linears on the
-# CPU's choice (AMX where it has it) and on AVX-512 BF16 (the choice of a CPU without AMX), q/k/v
-# biases, GLM's interleaved partial rotary, and quantized weights (int8 as Q8_0, int4 as Q4_1)
+# (architecture, --quantization, config overrides, SURGE_CPU_LINEAR, dtype): packed bf16 linears
+# on the CPU's choice (AMX where it has it) and on AVX-512 BF16 (the choice of a CPU without AMX),
+# q/k/v biases, GLM's interleaved partial rotary, and quantized weights (int8 as Q8_0, int4 as
+# Q4_1), also in a float32 model (a CPU without native bf16)
+_GLM = {"head_dim": 16, "partial_rotary_factor": 0.5, "pad_token_id": 0}
 CASES = [
-    ("llama", "none", {}, "auto"),
-    ("llama", "none", {}, "avx512"),
-    ("qwen2", "none", {}, "avx512"),
-    ("glm", "none", {"head_dim": 16, "partial_rotary_factor": 0.5, "pad_token_id": 0}, "auto"),
-    ("llama", "int8", {}, "auto"),
-    ("llama", "int4", {}, "auto"),
+    pytest.param("llama", "none", {}, "auto", "bfloat16", marks=_NO_BF16_LINEAR),
+    pytest.param("llama", "none", {}, "avx512", "bfloat16", marks=_NO_BF16_LINEAR),
+    pytest.param("qwen2", "none", {}, "avx512", "bfloat16", marks=_NO_BF16_LINEAR),
+    pytest.param("glm", "none", _GLM, "auto", "bfloat16", marks=_NO_BF16_LINEAR),
+    ("llama", "int8", {}, "auto", "bfloat16"),
+    ("llama", "int4", {}, "auto", "bfloat16"),
+    ("llama", "int4", {}, "auto", "float32"),
+    ("qwen2", "int8", {}, "auto", "float32"),
+    ("glm", "int4", {**_GLM, "head_dim": 64}, "auto", "float32"),
 ]
 
 
-def _runner(tmp_path: Path, arch: str, quantization: str, overrides: dict) -> LLM:
+def _runner(
+    tmp_path: Path, arch: str, quantization: str, overrides: dict, dtype: str = "bfloat16"
+) -> LLM:
     path = make_tiny_model_dir(tmp_path / arch, arch, seed=5, **overrides)
-    return LLM(str(path), dtype="bfloat16", quantization=quantization, num_kv_blocks=64)
+    return LLM(str(path), dtype=dtype, quantization=quantization, num_kv_blocks=64)
 
 
 def _prefill(runner: ModelRunner, prompts: list[list[int]]) -> list[list[int]]:
@@ -52,7 +60,7 @@ def _prefill(runner: ModelRunner, prompts: list[list[int]]) -> list[list[int]]:
     return tables
 
 
-@pytest.mark.parametrize(("arch", "quantization", "overrides", "linear"), CASES)
+@pytest.mark.parametrize(("arch", "quantization", "overrides", "linear", "dtype"), CASES)
 def test_a_decode_step_in_c_equals_the_python_layers(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -61,12 +69,14 @@ def test_a_decode_step_in_c_equals_the_python_layers(
     quantization: str,
     overrides: dict,
     linear: str,
+    dtype: str,
 ):
     monkeypatch.setenv("SURGE_CPU_LINEAR", linear)
     load_cpu_kernels.cache_clear()  # one library object per process: choose again, then forget
     request.addfinalizer(load_cpu_kernels.cache_clear)
-    runner = _runner(tmp_path, arch, quantization, overrides).engine.core.runner
+    runner = _runner(tmp_path, arch, quantization, overrides, dtype).engine.core.runner
     model = runner.model
+    assert runner.dtype == getattr(torch, dtype)
     if linear == "avx512":
         assert model.model.layers[0].self_attn.o_proj.kernels.linear_isa == AVX512_BF16
     assert model.decode_step is not None, "the model should take the C decode step"
@@ -87,8 +97,9 @@ def test_a_decode_step_in_c_equals_the_python_layers(
         assert torch.equal(k_c, k_py) and torch.equal(v_c, v_py)
 
 
-def test_greedy_generation_is_the_same_with_and_without_the_c_step(tmp_path: Path):
-    llm = _runner(tmp_path, "llama", "int4", {})
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_greedy_generation_is_the_same_with_and_without_the_c_step(tmp_path: Path, dtype: str):
+    llm = _runner(tmp_path, "llama", "int4", {}, dtype)
     model = llm.engine.core.runner.model
     step = model.decode_step
     assert step is not None
@@ -115,6 +126,11 @@ def test_models_the_c_step_cannot_run_say_why(tmp_path: Path, monkeypatch: pytes
     )
     runner = _runner(tmp_path, "llama", "none", {}).engine.core.runner
     assert runner.model.prepare_decode_step(None, runner.kv_caches) == "CPU kernels off"
+    plain = _runner(tmp_path, "llama", "none", {}, "float32").engine.core.runner
+    assert (
+        plain.model.prepare_decode_step(load_cpu_kernels(), plain.kv_caches)
+        == "a linear on oneDNN or torch, or of over 4 quantized formats"
+    )
     monkeypatch.setenv("SURGE_DECODE_STEP", "0")
     kernels = load_cpu_kernels()
     assert runner.model.prepare_decode_step(kernels, runner.kv_caches) == "SURGE_DECODE_STEP=0"

@@ -99,19 +99,37 @@ def int8_x_reference(x: torch.Tensor, w: QuantizedTensor) -> torch.Tensor:
     return (codes * d).view_as(x) @ w.dequantize().double().T
 
 
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("qtype", QTYPES, ids=[KERNEL_QTYPES[q][0] for q in QTYPES])
-def test_integer_paths_equal_the_int8_x_product(kernels, qtype):
+def test_integer_paths_equal_the_int8_x_product(kernels, qtype, x_dtype):
     # the error of the integer paths is all x's quantization: their sums are exact, so against
     # the same quantized x they agree to float32 rounding (a wrong code, bit or sign is far off)
     if kernels.qlinear_isa == "portable":
         pytest.skip("the portable path multiplies by x as is (tested against the plain product)")
     w = random_quantized(qtype, 48, 1024, seed=11)
-    x = torch.randn(6, 1024, generator=torch.Generator().manual_seed(4)).bfloat16()
+    x = torch.randn(6, 1024, generator=torch.Generator().manual_seed(4)).to(x_dtype)
     x[0, :32] = 0  # a block of zeros: scale 0
     x[1, 32:64] *= 50  # a block of large values: codes at +-127
     ref = int8_x_reference(x, w)
     got = kernels.qlinear(x, [(0, w)], 48, None, out_dtype=torch.float32).double()
     assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_float32_input_and_bias(kernels):
+    # a float32 model's linears (a CPU without native bf16): x, bias and output in float32
+    w = random_quantized(3, 40, 512, seed=2)
+    gen = torch.Generator().manual_seed(8)
+    x, bias = torch.randn(9, 512, generator=gen), torch.randn(40, generator=gen)
+    got = kernels.qlinear(x, [(0, w)], 40, bias)
+    assert got.dtype == torch.float32
+    ref = reference(x, w, bias)
+    tol = 0.02 if kernels.qlinear_isa != "portable" else 1e-5
+    assert (got - ref).abs().max() <= tol * ref.abs().max()
+    for i in (0, 4, 8):  # batch invariant in float32 too
+        assert torch.equal(kernels.qlinear(x[i : i + 1], [(0, w)], 40, bias), got[i : i + 1])
+    table = random_quantized(3, 20, 256, seed=3)
+    rows = kernels.qembedding(torch.tensor([3, 19]), table, torch.float32)
+    assert rows.dtype == torch.float32 and torch.equal(rows, table.dequantize()[[3, 19]])
 
 
 @pytest.mark.parametrize("qtype", QTYPES, ids=[KERNEL_QTYPES[q][0] for q in QTYPES])
@@ -181,19 +199,23 @@ def test_shapes_the_kernel_cannot_take_stay_float():
 # ---- models ---------------------------------------------------------------------------------
 
 
-def test_bundled_q4_1_runs_quantized_answers_and_is_batch_invariant(default_model_path: Path):
-    """The bundled GGUF stays Q4_1 (no bf16 copy) and keeps the batch rule on its kernel.
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_bundled_q4_1_runs_quantized_answers_and_is_batch_invariant(
+    default_model_path: Path, dtype: str
+):
+    """The bundled GGUF stays Q4_1 (no float copy) and keeps the batch rule on its kernel, in a
+    bf16 model and in a float32 one (a CPU without native bf16).
 
     The step budget fits every prompt whole, as in test_default_model's bf16 case.
     """
     llm = LLM(
         str(default_model_path),
-        dtype="bfloat16",
+        dtype=dtype,
         quantization="gguf",
         max_num_batched_tokens=16384,
     )
     runner = llm.engine.core.runner
-    assert runner.quantization == "gguf"
+    assert runner.quantization == "gguf" and runner.model.decode_step is not None
     linears = [m for m in runner.model.modules() if isinstance(m, Linear)]
     assert linears and all(m.weight is None and m.quant_segments for m in linears)
     # Not France: for this Q4 model its first token is a near tie ("The" -1.97 vs "L" -2.03 in
@@ -210,10 +232,13 @@ def test_bundled_q4_1_runs_quantized_answers_and_is_batch_invariant(default_mode
     assert run_batch(llm, prompts, params) == run_alone(llm, prompts, params)
 
 
-def test_perplexity_gate_q4_1_kernel_against_bf16_of_the_same_weights(default_model_path: Path):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_perplexity_gate_q4_1_kernel_against_bf16_of_the_same_weights(
+    default_model_path: Path, dtype: str
+):
     """The Q4_1 kernel (x quantized to int8 per 32, as llama.cpp does) within 2% of the same
-    weights dequantized to bf16, on the shipped English + Chinese text."""
-    options = {"dtype": "bfloat16", "num_kv_blocks": 40}
+    weights dequantized to the model's dtype, on the shipped English + Chinese text."""
+    options = {"dtype": dtype, "num_kv_blocks": 40}
     bf16 = perplexity(LLM(str(default_model_path), quantization="none", **options))
     q4 = perplexity(LLM(str(default_model_path), quantization="gguf", **options))
     assert bf16.weights == "unquantized" and q4.weights.startswith("Q4_1")
@@ -256,8 +281,8 @@ def _prompt_logits(runner, ids: torch.Tensor) -> torch.Tensor:
 def test_quantization_refusals(tiny_dir: Path, default_model_path: Path):
     with pytest.raises(ValueError, match="quantized already"):
         LLM(str(default_model_path), quantization="int8", num_kv_blocks=8)
-    with pytest.raises(ValueError, match="needs bfloat16"):
-        LLM(str(tiny_dir), dtype="float32", quantization="int4", num_kv_blocks=8)
+    with pytest.raises(ValueError, match="needs bfloat16 or float32"):
+        LLM(str(tiny_dir), dtype="float16", quantization="int4", num_kv_blocks=8)
     with pytest.raises(ValueError, match="quantization must be"):
         LLM(str(tiny_dir), quantization="int3", num_kv_blocks=8)
     with pytest.raises(ValueError, match="not a GGUF"):
@@ -276,5 +301,6 @@ def test_auto_keeps_a_big_gguf_quantized_and_dequantizes_a_small_one(
     assert loader.resolve_quantization("auto", files, torch.bfloat16, True) == "gguf"
     assert loader.resolve_quantization("auto", files, torch.bfloat16, False) == "none"
     assert loader.resolve_quantization("gguf", files, torch.bfloat16, True) == "gguf"
-    with pytest.raises(ValueError, match="needs bfloat16"):
-        loader.resolve_quantization("gguf", files, torch.float32, True)
+    assert loader.resolve_quantization("gguf", files, torch.float32, True) == "gguf"
+    with pytest.raises(ValueError, match="needs bfloat16 or float32"):
+        loader.resolve_quantization("gguf", files, torch.float16, True)

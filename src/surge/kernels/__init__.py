@@ -72,9 +72,11 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _bf16_rows(x: torch.Tensor, kernel: str) -> torch.Tensor:
-    """x [..., K] as [rows, K] with unit stride along K (rows may be strided), bf16 only."""
-    if x.dtype != torch.bfloat16:
+def _rows(
+    x: torch.Tensor, kernel: str, dtypes: tuple[torch.dtype, ...] = (torch.bfloat16,)
+) -> torch.Tensor:
+    """x [..., K] as [rows, K] with unit stride along K (rows may be strided), of `dtypes` only."""
+    if x.dtype not in dtypes:
         raise TypeError(f"the {kernel} kernel got {x.dtype} input")
     rows = x.reshape(-1, x.shape[-1])
     return rows if rows.stride(-1) == 1 else rows.contiguous()
@@ -111,15 +113,24 @@ class CpuKernels:
         self._linear_amx.argtypes = self._linear.argtypes
         self._linear_amx.restype = None
         self._qlinear = lib.surge_qlinear
-        self._qlinear.argtypes = [_P, _I, _P, _I, _I, _P, _I, _I, ctypes.c_int, _P, ctypes.c_int]
+        self._qlinear.argtypes = [
+            *(_P, _I, _P, _I, _I, _P, _I, _I, ctypes.c_int, _P, ctypes.c_int, ctypes.c_int)
+        ]
         self._qlinear.restype = None
         self._qdequant_rows = lib.surge_qdequant_rows
-        self._qdequant_rows.argtypes = [_P, _P, _P, _I, _I, ctypes.c_int]
+        self._qdequant_rows.argtypes = [_P, _P, _P, _I, _I, ctypes.c_int, ctypes.c_int]
         self._qdequant_rows.restype = None
         self.qlinear_isa = QLINEAR_ISAS[lib.surge_qlinear_isa()]
-        self.decode_step_fn = lib.surge_decode_step  # see decode_step.py
-        self.decode_step_fn.argtypes = decode_step.SIGNATURE
-        self.decode_step_fn.restype = None
+        # the C decode step for each activation dtype (see decode_step.py)
+        self.decode_step_fns: dict[torch.dtype, ctypes._CFuncPtr] = {}
+        for dtype, name in (
+            (torch.bfloat16, "surge_decode_step"),
+            (torch.float32, "surge_decode_step_f32"),
+        ):
+            fn = getattr(lib, name)
+            fn.argtypes = decode_step.SIGNATURE
+            fn.restype = None
+            self.decode_step_fns[dtype] = fn
         self.linear_isa = linear_isa
         if linear_isa == AMX_BF16:
             if not lib.surge_linear_amx_supported():
@@ -264,7 +275,7 @@ class CpuKernels:
 
         out_dtype float32 keeps the float32 accumulators unrounded (for logits).
         """
-        rows = _bf16_rows(x, "bf16 linear")
+        rows = _rows(x, "bf16 linear")
         k = rows.shape[1]
         out = torch.empty((rows.shape[0], out_features), dtype=out_dtype)
         (self._linear_amx if self.linear_uses_amx(k) else self._linear)(
@@ -287,15 +298,17 @@ class CpuKernels:
         segments: list[tuple[int, QuantizedTensor]],
         out_features: int,
         bias: torch.Tensor | None,
-        out_dtype: torch.dtype = torch.bfloat16,
+        out_dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
-        """x [..., K] (bf16) @ W^T + bias, W stacked from quantized segments [(first column, W_i)].
+        """x [..., K] (bf16 or float32) @ W^T + bias (x's dtype), W stacked from quantized
+        segments [(first column, W_i)].
 
-        Each segment writes its own columns of one output; out_dtype as in `linear`.
+        Each segment writes its own columns of one output, in out_dtype (x's by default; float32
+        keeps the accumulators unrounded, for logits).
         """
-        rows = _bf16_rows(x, "quantized linear")
+        rows = _rows(x, "quantized linear", (torch.bfloat16, torch.float32))
         k = rows.shape[1]
-        out = torch.empty((rows.shape[0], out_features), dtype=out_dtype)
+        out = torch.empty((rows.shape[0], out_features), dtype=out_dtype or x.dtype)
         for col0, w in segments:
             bias_part = None if bias is None else bias[col0 : col0 + w.shape[0]]
             self._qlinear(
@@ -309,17 +322,27 @@ class CpuKernels:
                 k,
                 w.qtype,
                 _ptr(bias_part),
-                int(out_dtype == torch.float32),
+                int(out.dtype == torch.float32),
+                int(rows.dtype == torch.float32),
             )
         return out.view(*x.shape[:-1], out_features)
 
-    def qembedding(self, ids: torch.Tensor, table: QuantizedTensor) -> torch.Tensor:
-        """Rows `ids` of a quantized [V, D] table as bf16 [..., D] (an embedding lookup)."""
+    def qembedding(
+        self, ids: torch.Tensor, table: QuantizedTensor, dtype: torch.dtype = torch.bfloat16
+    ) -> torch.Tensor:
+        """Rows `ids` of a quantized [V, D] table as dtype (bf16 or float32) [..., D] (an
+        embedding lookup)."""
         flat = ids.reshape(-1).to(torch.int64).contiguous()
         dim = table.shape[1]
-        out = torch.empty((flat.shape[0], dim), dtype=torch.bfloat16)
+        out = torch.empty((flat.shape[0], dim), dtype=dtype)
         self._qdequant_rows(
-            out.data_ptr(), table.data.data_ptr(), flat.data_ptr(), flat.shape[0], dim, table.qtype
+            out.data_ptr(),
+            table.data.data_ptr(),
+            flat.data_ptr(),
+            flat.shape[0],
+            dim,
+            table.qtype,
+            int(dtype == torch.float32),
         )
         return out.view(*ids.shape, dim)
 

@@ -146,6 +146,7 @@ class DecodeStep:
         self.kv_caches = kv_caches  # the caches the layers' structs point into
         self._keep = keep  # the modules whose weights, norms and biases the structs point into
         self.hidden = shape.hidden
+        self.dtype = final_norm.dtype  # the model's activations (bf16, or float32: all quantized)
 
     def __call__(
         self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata
@@ -156,11 +157,13 @@ class DecodeStep:
         if (
             tables is None
             or lens is None
-            or hidden.dtype != torch.bfloat16
+            or hidden.dtype != self.dtype
             or not hidden.is_contiguous()
             or hidden.shape != (tables.shape[0], self.hidden)
         ):
-            raise ValueError("the C decode step takes a decode-only step of contiguous bf16 rows")
+            raise ValueError(
+                f"the C decode step takes a decode-only step of contiguous {self.dtype} rows"
+            )
         self._fn(
             self._decoder_ref,
             hidden.data_ptr(),

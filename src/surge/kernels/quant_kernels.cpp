@@ -516,9 +516,9 @@ void qlinear_rows(Out* out, int64_t out_stride, const QuantizedRows& x, int64_t 
 #if SURGE_QLINEAR_VNNI || SURGE_QLINEAR_AVX2
 // Rows in blocks that stay in L2 (their codes and scales), each block against every column
 // this thread owns (the same columns for every block: no barrier between blocks).
-template <int qtype, class Out>
+template <int qtype, class Out, class Bias>
 void qlinear_blocks(Out* out, int64_t out_stride, const QuantizedRows& x, int64_t m,
-                  const uint8_t* w, int64_t n, int64_t k, const bf16* bias) {
+                    const uint8_t* w, int64_t n, int64_t k, const Bias* bias) {
   const int64_t row_bytes = k / format_of(qtype).block_elems * format_of(qtype).block_bytes;
   const int64_t block_rows = std::max<int64_t>(kQRows, (int64_t(1) << 18) / (2 * k));
   const int64_t ahead = std::max<int64_t>(1, kPrefetchBytes / row_bytes);  // rows
@@ -559,9 +559,9 @@ void qlinear_blocks(Out* out, int64_t out_stride, const QuantizedRows& x, int64_
   }
 }
 
-template <class Out>
+template <class Out, class Bias>
 void qlinear_dispatch(Out* out, int64_t out_stride, const QuantizedRows& x, int64_t m,
-                      const uint8_t* w, int64_t n, int64_t k, int qtype, const bf16* bias) {
+                      const uint8_t* w, int64_t n, int64_t k, int qtype, const Bias* bias) {
   switch (qtype) {
 #define SURGE_QLINEAR_CASE(T)                                        \
   case T:                                                            \
@@ -583,7 +583,7 @@ void qlinear_dispatch(Out* out, int64_t out_stride, const QuantizedRows& x, int6
 // Portable: each chunk decoded to float and multiplied by x as is (no x quantization).
 template <class In, class Out>
 void qlinear_portable(Out* out, int64_t out_stride, const In* x, int64_t x_stride, int64_t m,
-                      const uint8_t* w, int64_t n, int64_t k, int qtype, const bf16* bias) {
+                      const uint8_t* w, int64_t n, int64_t k, int qtype, const In* bias) {
   const int64_t row_bytes = k / format_of(qtype).block_elems * format_of(qtype).block_bytes;
 #pragma omp parallel for schedule(static)
   for (int64_t col = 0; col < n; ++col) {
@@ -603,6 +603,31 @@ void qlinear_portable(Out* out, int64_t out_stride, const In* x, int64_t x_strid
       for (float v : lanes) sum += v;
       out[r * out_stride + col] = store<Out>(sum);
     }
+  }
+}
+
+template <class In, class Out>
+void qlinear_typed(Out* out, int64_t out_stride, const In* x, int64_t x_stride, int64_t m,
+                   const uint8_t* w, int64_t n, int64_t k, int qtype, const In* bias) {
+#if SURGE_QLINEAR_VNNI || SURGE_QLINEAR_AVX2
+  thread_local QuantizedRows q;  // kept between calls: a decode step makes hundreds
+  quantize_rows(q, x, m, k, x_stride);
+  qlinear_dispatch(out, out_stride, q, m, w, n, k, qtype, bias);
+#else
+  qlinear_portable(out, out_stride, x, x_stride, m, w, n, k, qtype, bias);
+#endif
+}
+
+template <class In>
+void qlinear_in(void* out, int64_t out_stride, const void* x, int64_t x_stride, int64_t m,
+                const uint8_t* w, int64_t n, int64_t k, int qtype, const void* bias,
+                int out_f32) {
+  const auto* xt = static_cast<const In*>(x);
+  const auto* bt = static_cast<const In*>(bias);
+  if (out_f32) {
+    qlinear_typed(static_cast<float*>(out), out_stride, xt, x_stride, m, w, n, k, qtype, bt);
+  } else {
+    qlinear_typed(static_cast<bf16*>(out), out_stride, xt, x_stride, m, w, n, k, qtype, bt);
   }
 }
 
@@ -628,48 +653,51 @@ extern "C" int surge_qlinear_isa() {
 #endif
 }
 
-// out [m, n] (bf16, or float32 with out_f32; row stride out_stride) = x [m, k] (bf16, row stride
-// x_stride) @ W^T + bias, W [n, k] in GGUF type qtype, rows of surge_qlinear_row_bytes bytes.
+// out [m, n] (bf16, or float32 with out_f32; row stride out_stride) = x [m, k] (bf16, or float32
+// with x_f32; row stride x_stride) @ W^T + bias (x's type), W [n, k] in GGUF type qtype, rows of
+// surge_qlinear_row_bytes bytes.
 extern "C" void surge_qlinear(void* out, int64_t out_stride, const void* x, int64_t x_stride,
                               int64_t m, const void* w, int64_t n, int64_t k, int qtype,
-                              const void* bias, int out_f32) {
+                              const void* bias, int out_f32, int x_f32) {
   if (m <= 0 || surge_qlinear_row_bytes(qtype, k) == 0) return;
-  const auto* xb = static_cast<const bf16*>(x);
   const auto* wb = static_cast<const uint8_t*>(w);
-  const auto* bb = static_cast<const bf16*>(bias);
-#if SURGE_QLINEAR_VNNI || SURGE_QLINEAR_AVX2
-  thread_local QuantizedRows q;  // kept between calls: a decode step makes hundreds
-  quantize_rows(q, xb, m, k, x_stride);
-  if (out_f32) {
-    qlinear_dispatch(static_cast<float*>(out), out_stride, q, m, wb, n, k, qtype, bb);
+  if (x_f32) {
+    qlinear_in<float>(out, out_stride, x, x_stride, m, wb, n, k, qtype, bias, out_f32);
   } else {
-    qlinear_dispatch(static_cast<bf16*>(out), out_stride, q, m, wb, n, k, qtype, bb);
+    qlinear_in<bf16>(out, out_stride, x, x_stride, m, wb, n, k, qtype, bias, out_f32);
   }
-#else
-  if (out_f32) {
-    qlinear_portable(static_cast<float*>(out), out_stride, xb, x_stride, m, wb, n, k, qtype, bb);
-  } else {
-    qlinear_portable(static_cast<bf16*>(out), out_stride, xb, x_stride, m, wb, n, k, qtype, bb);
-  }
-#endif
 }
 
-// Rows `ids` of a quantized matrix [*, k] decoded to bf16 (an embedding lookup).
-extern "C" void surge_qdequant_rows(void* out, const void* w, const int64_t* ids, int64_t count,
-                                    int64_t k, int qtype) {
-  const int64_t row_bytes = surge_qlinear_row_bytes(qtype, k);
-  if (row_bytes == 0) return;
-  auto* o = static_cast<bf16*>(out);
-  const auto* wb = static_cast<const uint8_t*>(w);
+namespace {
+
+template <class Out>
+void dequant_rows(Out* o, const uint8_t* w, const int64_t* ids, int64_t count, int64_t k,
+                  int qtype, int64_t row_bytes) {
 #pragma omp parallel for schedule(static) if (count * k >= (int64_t(1) << 16))
   for (int64_t i = 0; i < count; ++i) {
-    const uint8_t* row = wb + ids[i] * row_bytes;
+    const uint8_t* row = w + ids[i] * row_bytes;
     for (int64_t c = 0; c < k / 64; ++c) {
       uint8_t u[64];
       float s16[4], o16[4];
       decode_chunk(qtype, row, c, u, s16, o16);
       for (int j = 0; j < 64; ++j)
-        o[i * k + 64 * c + j] = store<bf16>(s16[j / 16] * float(u[j]) + o16[j / 16]);
+        o[i * k + 64 * c + j] = store<Out>(s16[j / 16] * float(u[j]) + o16[j / 16]);
     }
+  }
+}
+
+}  // namespace
+
+// Rows `ids` of a quantized matrix [*, k] decoded to bf16, or float32 with out_f32 (an
+// embedding lookup).
+extern "C" void surge_qdequant_rows(void* out, const void* w, const int64_t* ids, int64_t count,
+                                    int64_t k, int qtype, int out_f32) {
+  const int64_t row_bytes = surge_qlinear_row_bytes(qtype, k);
+  if (row_bytes == 0) return;
+  const auto* wb = static_cast<const uint8_t*>(w);
+  if (out_f32) {
+    dequant_rows(static_cast<float*>(out), wb, ids, count, k, qtype, row_bytes);
+  } else {
+    dequant_rows(static_cast<bf16*>(out), wb, ids, count, k, qtype, row_bytes);
   }
 }

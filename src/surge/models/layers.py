@@ -277,6 +277,7 @@ class Embedding(nn.Embedding):
 
     quant: QuantizedTensor | None = None
     kernels: CpuKernels | None = None
+    dtype: torch.dtype = torch.bfloat16  # of the rows a quantized table is decoded to
 
     def load_quantized(self, weight: QuantizedTensor) -> None:
         """Take the quantized [vocab, dim] table instead of the float one."""
@@ -294,12 +295,13 @@ class Embedding(nn.Embedding):
         if kernels is None:
             raise RuntimeError("quantized weights need surge's CPU kernels (SURGE_CPU_KERNELS)")
         self.kernels = kernels
+        self.dtype = self.weight.dtype  # the model's: the rows come out in it
         self.weight = None
         return True
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.quant is not None:
-            return self.kernels.qembedding(ids, self.quant)
+            return self.kernels.qembedding(ids, self.quant, self.dtype)
         return super().forward(ids)
 
 

@@ -304,7 +304,12 @@ class LlamaForCausalLM(nn.Module):
             scale=attn.scale,
         )
         self.decode_step = DecodeStep(
-            kernels.decode_step_fn, shape, layers, decoder.norm.weight, kv_caches, keep
+            kernels.decode_step_fns[decoder.norm.weight.dtype],
+            shape,
+            layers,
+            decoder.norm.weight,
+            kv_caches,
+            keep,
         )
         return None
 
@@ -316,8 +321,8 @@ class LlamaForCausalLM(nn.Module):
         layer = decoder.layers[0]
         if kernels is None or layer.self_attn.kernels is None:
             return "CPU kernels off"
-        if decoder.norm.weight.dtype != torch.bfloat16:
-            return f"{decoder.norm.weight.dtype} weights (bf16 only)"
+        if decoder.norm.weight.dtype not in kernels.decode_step_fns:
+            return f"{decoder.norm.weight.dtype} weights (bf16 or float32 only)"
         if layer.self_attn.q_norm is not None or layer.post_self_attn_layernorm is not None:
             return "q/k norms or sandwich norms"
         if not layer.mlp.is_silu:

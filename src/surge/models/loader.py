@@ -156,7 +156,8 @@ def resolve_quantization(
 ) -> str:
     """What `iter_weights` should do for --quantization `method` (models/quant.py's methods).
 
-    gguf keeps a GGUF's quantized matrices (they need the CPU kernels and a bf16 model); auto
+    gguf keeps a GGUF's quantized matrices (they need the CPU kernels and a bf16 or float32
+    model: float32 where the CPU has no native bf16); auto
     does so for a GGUF whose bf16 copy would take KEEP_QUANTIZED_MIN_BYTES or more, and
     dequantizes a smaller one (faster under concurrent load); int8/int4 quantize an HF
     checkpoint. Each choice is logged.
@@ -164,7 +165,7 @@ def resolve_quantization(
     check_method(method)
     if method == "none":
         return "none"
-    usable = has_kernels and dtype == torch.bfloat16
+    usable = has_kernels and dtype in (torch.bfloat16, torch.float32)
     why = "the CPU kernels are off" if not has_kernels else f"the model runs in {dtype}"
     if method == "auto":
         if not files.is_gguf:
@@ -185,7 +186,9 @@ def resolve_quantization(
     if method != "gguf" and files.is_gguf:
         raise ValueError(f"--quantization {method}: a GGUF is quantized already (use gguf or none)")
     if not usable:
-        raise ValueError(f"--quantization {method} needs bfloat16 and the CPU kernels: {why}")
+        raise ValueError(
+            f"--quantization {method} needs bfloat16 or float32 and the CPU kernels: {why}"
+        )
     return method
 
 
