@@ -296,7 +296,8 @@ def test_auto_keeps_a_big_gguf_quantized_and_dequantizes_a_small_one(
 
     files = loader.load_model_files(str(default_model_path))
     assert loader.resolve_quantization("auto", files, torch.bfloat16, True) == "none"  # 270 MB
-    assert loader.resolve_quantization("auto", files, torch.float32, True) == "none"
+    assert loader.resolve_quantization("auto", files, torch.float32, True) == "gguf"  # no bf16
+    assert loader.resolve_quantization("auto", files, torch.float32, False) == "none"
     monkeypatch.setattr(quant, "KEEP_QUANTIZED_MIN_BYTES", 2**20)
     assert loader.resolve_quantization("auto", files, torch.bfloat16, True) == "gguf"
     assert loader.resolve_quantization("auto", files, torch.bfloat16, False) == "none"

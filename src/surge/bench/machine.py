@@ -52,13 +52,15 @@ def cpu_info() -> dict[str, object]:
 
 
 def linear_kernel() -> str:
-    """The bf16 linear implementation surge's kernels chose in this process (or why none)."""
+    """The bf16 and quantized linear implementations surge's kernels chose in this process (or
+    why none)."""
     from surge.kernels import load_cpu_kernels
 
     kernels = load_cpu_kernels()
     if kernels is None:
         return "none (CPU kernels off)"
-    return kernels.linear_isa if kernels.has_linear else "oneDNN (no AVX-512 BF16)"
+    dense = kernels.linear_isa if kernels.has_linear else "oneDNN (no AVX-512 BF16)"
+    return f"{dense}, quantized {kernels.qlinear_isa}"
 
 
 def machine_info() -> dict[str, object]:

@@ -157,10 +157,10 @@ def resolve_quantization(
     """What `iter_weights` should do for --quantization `method` (models/quant.py's methods).
 
     gguf keeps a GGUF's quantized matrices (they need the CPU kernels and a bf16 or float32
-    model: float32 where the CPU has no native bf16); auto
-    does so for a GGUF whose bf16 copy would take KEEP_QUANTIZED_MIN_BYTES or more, and
-    dequantizes a smaller one (faster under concurrent load); int8/int4 quantize an HF
-    checkpoint. Each choice is logged.
+    model: float32 where the CPU has no native bf16); auto does so in a float32 model, and in a
+    bf16 one for a GGUF whose bf16 copy would take KEEP_QUANTIZED_MIN_BYTES or more, dequantizing
+    a smaller one (faster under concurrent load); int8/int4 quantize an HF checkpoint. Each
+    choice is logged.
     """
     check_method(method)
     if method == "none":
@@ -173,6 +173,11 @@ def resolve_quantization(
         if not usable:
             logger.warning("GGUF weights dequantized to %s at load: %s", dtype, why)
             return "none"
+        if dtype == torch.float32:
+            # a CPU without native bf16: float32 dense linears stream 8x a Q4 file's bytes and
+            # are no faster in batches than the int8 kernels (BENCHMARKS.md, the AVX2 EPYC)
+            logger.info("GGUF weights kept quantized (a float32 model: no native bf16 here)")
+            return "gguf"
         bf16_bytes = gguf_bf16_bytes(files.path)
         keep = gguf_stays_quantized(method, bf16_bytes)
         logger.info(
