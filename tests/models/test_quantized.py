@@ -103,7 +103,8 @@ def int8_x_reference(x: torch.Tensor, w: QuantizedTensor) -> torch.Tensor:
 @pytest.mark.parametrize("qtype", QTYPES, ids=[KERNEL_QTYPES[q][0] for q in QTYPES])
 def test_integer_paths_equal_the_int8_x_product(kernels, qtype, x_dtype):
     # the error of the integer paths is all x's quantization: their sums are exact, so against
-    # the same quantized x they agree to float32 rounding (a wrong code, bit or sign is far off)
+    # the same quantized x they agree to float32 rounding (a wrong code, bit or sign is far off;
+    # the margin covers the VNNI path's Q8_0, whose codes + 128 and offset partly cancel)
     if kernels.qlinear_isa == "portable":
         pytest.skip("the portable path multiplies by x as is (tested against the plain product)")
     w = random_quantized(qtype, 48, 1024, seed=11)
@@ -112,7 +113,7 @@ def test_integer_paths_equal_the_int8_x_product(kernels, qtype, x_dtype):
     x[1, 32:64] *= 50  # a block of large values: codes at +-127
     ref = int8_x_reference(x, w)
     got = kernels.qlinear(x, [(0, w)], 48, None, out_dtype=torch.float32).double()
-    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
 
 
 def test_float32_input_and_bias(kernels):
