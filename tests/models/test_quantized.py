@@ -116,6 +116,29 @@ def test_integer_paths_equal_the_int8_x_product(kernels, qtype, x_dtype):
     assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
 
 
+def test_vector_x_quantization_is_the_scalar_rule_bit_for_bit(kernels):
+    # x is quantized in AVX-512 or AVX2 registers; SURGE_SCALAR_XQUANT builds the same library
+    # with the scalar rule: every output must be equal, ties and zero blocks included
+    if kernels.qlinear_isa == "portable":
+        pytest.skip("the portable path does not quantize x")
+    flags = ("-mno-avx512f",) if kernels.qlinear_isa == "avx2" else ()
+    scalar = CpuKernels(
+        ctypes.CDLL(str(build_library(find_compiler(), (*flags, "-DSURGE_SCALAR_XQUANT"))))
+    )
+    assert scalar.qlinear_isa == kernels.qlinear_isa
+    for qtype in QTYPES:
+        w = random_quantized(qtype, 24, 512, seed=qtype)
+        for dtype in (torch.bfloat16, torch.float32):
+            gen = torch.Generator().manual_seed(qtype)
+            x = (torch.randn(7, 512, generator=gen) * 3).to(dtype)
+            x[0, :32] = 0  # scale 0
+            x[1, 40] = 1e5  # one value sets its block's scale
+            x[3] = torch.round(x[3] * 4) / 4  # halves of a code: ties, rounded to even
+            got = kernels.qlinear(x, [(0, w)], 24, None, out_dtype=torch.float32)
+            want = scalar.qlinear(x, [(0, w)], 24, None, out_dtype=torch.float32)
+            assert torch.equal(got, want), (qtype, dtype)
+
+
 def test_float32_input_and_bias(kernels):
     # a float32 model's linears (a CPU without native bf16): x, bias and output in float32
     w = random_quantized(3, 40, 512, seed=2)

@@ -60,6 +60,7 @@ _PROBE_FAILURES = {
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
 _F = ctypes.c_float
+_C = ctypes.c_int
 _SIGNATURES = {
     "decode_attention": [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _F],
     "rms_norm": [_P, _P, _P, _P, _I, _I, _F],
@@ -113,9 +114,7 @@ class CpuKernels:
         self._linear_amx.argtypes = self._linear.argtypes
         self._linear_amx.restype = None
         self._qlinear = lib.surge_qlinear
-        self._qlinear.argtypes = [
-            *(_P, _I, _P, _I, _I, _P, _I, _I, ctypes.c_int, _P, ctypes.c_int, ctypes.c_int)
-        ]
+        self._qlinear.argtypes = [_P, _I, _P, _I, _I, _P, _I, _I, _C, _P, _C, _C]
         self._qlinear.restype = None
         self._qdequant_rows = lib.surge_qdequant_rows
         self._qdequant_rows.argtypes = [_P, _P, _P, _I, _I, ctypes.c_int, ctypes.c_int]

@@ -6,6 +6,7 @@
 // are bit-identical to the Python path's (tests/models/test_decode_step.py checks that).
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "common.h"
@@ -53,10 +54,7 @@ struct StepKernels;
     static constexpr auto rope_and_cache = surge_rope_and_cache_##SUFFIX; \
     static constexpr auto decode_attention = surge_decode_attention_##SUFFIX; \
     static constexpr auto silu_and_mul = surge_silu_and_mul_##SUFFIX;  \
-    static constexpr int is_f32 = SURGE_IS_F32_##SUFFIX;               \
   };
-#define SURGE_IS_F32_bf16 0
-#define SURGE_IS_F32_f32 1
 SURGE_STEP_TABLE(bf16, bf16)
 SURGE_STEP_TABLE(float, f32)
 #undef SURGE_STEP_TABLE
@@ -99,15 +97,16 @@ namespace {
 
 template <class T>
 void run_linear(const SurgeLinear& l, T* out, const T* x, int64_t m) {
+  constexpr int f32 = std::is_same_v<T, float>;
   const int64_t n = l.out_features, k = l.in_features;
   if (l.kind == kQuantized) {
     for (int s = 0; s < l.num_segments; ++s) {
       const int64_t first = l.segment_first[s];
       const T* bias = l.bias == nullptr ? nullptr : static_cast<const T*>(l.bias) + first;
       surge_qlinear(out + first, n, x, k, m, l.segment_weight[s], l.segment_rows[s], k,
-                    l.segment_qtype[s], bias, StepKernels<T>::is_f32, StepKernels<T>::is_f32);
+                    l.segment_qtype[s], bias, f32, f32);
     }
-  } else if constexpr (StepKernels<T>::is_f32) {
+  } else if constexpr (f32) {
     return;  // packed weights are bf16 only: the Python side never builds such a step
   } else if (l.kind == kPackedAmx) {
     surge_linear_amx(out, x, l.weight, l.bias, m, n, k, k, n, 0);

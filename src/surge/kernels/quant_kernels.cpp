@@ -198,7 +198,8 @@ inline void quantize_block(const In* x, int8_t* codes, float* scale16, float* su
   for (int i = 0; i < 8; ++i) lane_scale[i] = d;
 }
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && !defined(SURGE_GENERIC)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && !defined(SURGE_GENERIC) && \
+    !defined(SURGE_SCALAR_XQUANT)
 // The same in registers, bit for bit: max is exact in any order, the products and the division
 // are the scalar ones, and vcvtps2dq rounds to nearest even like nearbyint (the default MXCSR).
 template <>
@@ -222,7 +223,9 @@ inline void quantize_block<bf16>(const bf16* x, int8_t* codes, float* scale16, f
 }
 #endif
 
-#if defined(__AVX2__) && !defined(__AVX512F__) && !defined(SURGE_GENERIC)
+#if defined(__AVX2__) && !defined(__AVX512F__) && !defined(SURGE_GENERIC) && \
+    !defined(SURGE_SCALAR_XQUANT)
+// (SURGE_SCALAR_XQUANT keeps the scalar rule: tests compare the two bit for bit)
 // The same in AVX2 registers, bit for bit (as the AVX-512 one above): the quantization of x is a
 // visible share of a batch-1 step on a CPU without AVX-512.
 inline void quantize_block8(const __m256 v[4], int8_t* codes, float* scale16, float* sum16,
